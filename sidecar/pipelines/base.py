@@ -1,0 +1,301 @@
+"""The renderer interface: one base pipeline loaded once, LoRAs swapped in, samples out.
+
+Each architecture file (`sdxl.py`, `sd3.py`, `flux.py`) subclasses `Renderer` and
+fills in two things: how to encode one prompt, and how to turn a batch of requests
+plus their embeddings into the keyword arguments of the diffusers pipeline's
+`__call__`. Everything else (base loading, LoRA swapping and checking, sampler
+choice, batching, the embedding cache) lives here once. The denoising loop is
+always diffusers' own.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from diffusers import AutoencoderKL, DiffusionPipeline
+from PIL import Image
+from peft.tuners.tuners_utils import BaseTunerLayer
+
+from sidecar.architectures import ArchSpec
+from sidecar.errors import CheckpointError, LoraError, ModelError
+from sidecar.lora import LoraFile, LoraReport, check_applied, expected_modules, inspect_lora, refuse_pickle
+from sidecar.pipelines.schedulers import make_scheduler
+from sidecar.prompts import SampleRequest
+
+logger = logging.getLogger("sidecar.render")
+
+ADAPTER_NAME = "sidecar"  # the one adapter slot the renderer swaps checkpoints through
+Embeddings = dict[str, torch.Tensor]
+EventCallback = Callable[[str, dict[str, Any]], None]
+
+
+def _no_event(event: str, fields: dict[str, Any]) -> None:
+    """Default progress callback: renderers never print."""
+
+
+class Renderer(ABC):
+    """One architecture's base pipeline, with at most one LoRA applied at a time."""
+
+    spec: ClassVar[ArchSpec]
+    pipeline_class: ClassVar[type[DiffusionPipeline]]
+    denoiser: ClassVar[str]  # the pipeline component LoRAs mostly target: "unet" or "transformer"
+    attention_kwargs: ClassVar[str]  # the `__call__` argument that carries the LoRA scale
+
+    def __init__(self, pipe: DiffusionPipeline, *, base_model: str, on_event: EventCallback = _no_event) -> None:
+        self.pipe = pipe
+        self.base_model = base_model
+        self.on_event = on_event
+        self.base_scheduler_config = dict(pipe.scheduler.config)
+        self.lora: LoraFile | None = None
+        self._lora_generation = 0  # bumps on every swap; keys text-encoder-LoRA embeddings
+        self._embeddings: dict[tuple, Embeddings] = {}
+        pipe.set_progress_bar_config(disable=True)
+
+    # -- loading -------------------------------------------------------------------------
+
+    @classmethod
+    def from_model(
+        cls,
+        model_source: str | Path,
+        *,
+        vae_path: str | Path | None = None,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        on_event: EventCallback = _no_event,
+    ) -> Renderer:
+        """Load the base pipeline once: a diffusers folder, a cached hub id, or a single file."""
+        pipe = load_base_pipeline(cls.pipeline_class, model_source, dtype=dtype)
+        if vae_path:
+            pipe.vae = load_vae(vae_path, dtype=dtype)
+        pipe.to(device)
+        return cls(pipe, base_model=str(model_source), on_event=on_event)
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipe._execution_device
+
+    # -- LoRA ----------------------------------------------------------------------------
+
+    def apply_lora(self, path: str | Path) -> LoraReport:
+        """Swap the loaded LoRA for the one at `path`, without reloading the base.
+
+        Hot-swaps in place when the new file has the same layout as the loaded one (the
+        next checkpoint of the same training run); otherwise unloads and loads. Loads
+        from the path, not a state dict, so `lora_alpha` in the header metadata is kept.
+        Raises `LoraError` when the LoRA does not apply to this base.
+        """
+        lora = inspect_lora(path)
+        expected = self._expected_modules(lora)
+        hotswap = self._can_hotswap(lora)
+        if hotswap:
+            try:
+                self.pipe.load_lora_weights(str(lora.path), adapter_name=ADAPTER_NAME, hotswap=True)
+            except (RuntimeError, ValueError) as error:
+                logger.info("hot-swap of %s failed (%s); unloading and loading instead", lora.path, error)
+                hotswap = False
+        if not hotswap:
+            self.remove_lora()
+            try:
+                self.pipe.load_lora_weights(str(lora.path), adapter_name=ADAPTER_NAME)
+            except (RuntimeError, ValueError, KeyError) as error:
+                self.remove_lora()
+                raise LoraError(self._load_error_message(lora, error)) from error
+        injected = self._injected_layers()
+        try:
+            check_applied(lora, expected, injected, arch=self.spec.name)
+        except LoraError:
+            self.remove_lora()
+            raise
+        self.lora = lora
+        self._lora_generation += 1
+        self._embeddings = {key: value for key, value in self._embeddings.items() if key[2] is None}
+        report = LoraReport(lora=lora, expected=expected, injected=injected, hotswapped=hotswap)
+        self.on_event("lora_applied", {"path": str(lora.path), "hotswapped": hotswap,
+                                       "layers": report.injected_total})
+        return report
+
+    def remove_lora(self) -> None:
+        """Unload the LoRA: the pipeline renders the base model again."""
+        if ADAPTER_NAME in self._adapter_names():
+            self.pipe.delete_adapters(ADAPTER_NAME)
+        self.lora = None
+        self._embeddings = {key: value for key, value in self._embeddings.items() if key[2] is None}
+
+    def _adapter_names(self) -> set[str]:
+        return {name for names in self.pipe.get_list_adapters().values() for name in names}
+
+    def _can_hotswap(self, lora: LoraFile) -> bool:
+        """Same format, module count and text-encoder use as the loaded LoRA: same layout."""
+        loaded = self.lora
+        return (
+            loaded is not None
+            and ADAPTER_NAME in self._adapter_names()
+            and (loaded.format, loaded.module_count, loaded.has_text_encoder)
+            == (lora.format, lora.module_count, lora.has_text_encoder)
+        )
+
+    def _expected_modules(self, lora: LoraFile) -> dict[str, int]:
+        """LoRA modules per component after diffusers' own key conversion."""
+        try:
+            converted = self.pipeline_class.lora_state_dict(str(lora.path))
+        except (RuntimeError, ValueError, KeyError, AssertionError, IndexError) as error:
+            raise LoraError(
+                f"{lora.path}: diffusers cannot convert this {lora.format} LoRA for "
+                f"{self.spec.label}: {error or type(error).__name__}"
+            ) from error
+        state_dict = converted[0] if isinstance(converted, tuple) else converted
+        return expected_modules(state_dict)
+
+    def _injected_layers(self) -> dict[str, int]:
+        """Layers per component that really carry the sidecar adapter."""
+        injected: dict[str, int] = {}
+        for name, component in self.pipe.components.items():
+            if not isinstance(component, torch.nn.Module):
+                continue
+            count = sum(
+                1 for module in component.modules()
+                if isinstance(module, BaseTunerLayer) and ADAPTER_NAME in getattr(module, "lora_A", {})
+            )
+            if count:
+                injected[name] = count
+        return injected
+
+    def _load_error_message(self, lora: LoraFile, error: Exception) -> str:
+        text = str(error).strip().splitlines()
+        first = text[0] if text else type(error).__name__
+        mismatch = [line.strip() for line in text if "size mismatch" in line][:2]
+        if mismatch:
+            hint = ""
+            if lora.arch_guess and lora.arch_guess != self.spec.name:
+                hint = f" (its key names are those of a {lora.arch_guess} LoRA)"
+            return (f"{lora.path}: LoRA shapes do not match the {self.spec.label} base model{hint}: "
+                    + "; ".join(mismatch))
+        return f"{lora.path}: diffusers could not load this {lora.format} LoRA on {self.spec.label}: {first}"
+
+    # -- rendering -----------------------------------------------------------------------
+
+    def render(self, requests: Sequence[SampleRequest], *, batch_size: int = 1
+               ) -> Iterator[tuple[SampleRequest, Image.Image]]:
+        """Render `requests`, yielding each image as soon as its batch is done.
+
+        Requests with equal settings share a pipeline call of up to `batch_size`
+        images; each image has its own CPU generator seeded from its request, so a
+        batch gives the images of one-by-one renders.
+        """
+        for batch in plan_batches(requests, batch_size=batch_size):
+            self.on_event("batch_start", {"indices": [request.index for request in batch]})
+            embeddings = [self.embeddings(request) for request in batch]
+            first = batch[0]
+            self.pipe.scheduler = make_scheduler(self.spec.name, first.sampler, self.base_scheduler_config)
+            arguments = self.call_arguments(batch, stack_embeddings(embeddings))
+            arguments.update(
+                height=first.height,
+                width=first.width,
+                num_inference_steps=first.steps,
+                generator=[torch.Generator("cpu").manual_seed(request.seed) for request in batch],
+                output_type="pil",
+            )
+            if self.lora is not None:
+                arguments[self.attention_kwargs] = {"scale": first.strength}
+            images = self.pipe(**arguments).images
+            yield from zip(batch, images)
+
+    def embeddings(self, request: SampleRequest) -> Embeddings:
+        """The prompt's embeddings, encoded once and reused for every checkpoint.
+
+        While the LoRA has no text-encoder weights the text encoders are untouched, so
+        the base embeddings stay valid across swaps; with text-encoder weights the key
+        includes the LoRA and its strength, and they are encoded again.
+        """
+        lora_key = None
+        if self.lora is not None and self.lora.has_text_encoder:
+            lora_key = (self._lora_generation, request.strength)
+        key = (request.prompt, request.negative_prompt, lora_key)
+        if key not in self._embeddings:
+            lora_scale = request.strength if lora_key is not None else None
+            with torch.no_grad():  # as inside `__call__`: autograd changes the attention kernels
+                self._embeddings[key] = self.encode(request.prompt, request.negative_prompt, lora_scale)
+        return self._embeddings[key]
+
+    @abstractmethod
+    def encode(self, prompt: str, negative_prompt: str, lora_scale: float | None) -> Embeddings:
+        """Encode one prompt and its negative with the pipeline's own `encode_prompt`."""
+
+    @abstractmethod
+    def call_arguments(self, batch: Sequence[SampleRequest], embeddings: Embeddings) -> dict[str, Any]:
+        """`__call__` arguments for one batch (sizes, steps and generators are added after)."""
+
+    def release(self) -> None:
+        """Drop the pipeline and free its memory."""
+        self.remove_lora()
+        self._embeddings.clear()
+        self.pipe = None  # type: ignore[assignment]
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def plan_batches(requests: Sequence[SampleRequest], *, batch_size: int) -> list[list[SampleRequest]]:
+    """Group requests with equal settings, in first-seen order, into batches of `batch_size`."""
+    if batch_size < 1:
+        raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}")
+    groups: dict[tuple, list[SampleRequest]] = {}
+    for request in requests:
+        # With and without a negative prompt can differ in kind (Flux true CFG): never mixed.
+        key = (*request.batch_key(), bool(request.negative_prompt))
+        groups.setdefault(key, []).append(request)
+    return [group[start:start + batch_size] for group in groups.values()
+            for start in range(0, len(group), batch_size)]
+
+
+def stack_embeddings(embeddings: Sequence[Embeddings]) -> Embeddings:
+    """One batch tensor per field; `None` fields (no negative prompt) stay `None`."""
+    stacked: Embeddings = {}
+    for name in embeddings[0]:
+        values = [item[name] for item in embeddings]
+        stacked[name] = None if any(value is None for value in values) else torch.cat(values)  # type: ignore[assignment]
+    return stacked
+
+
+def load_base_pipeline(pipeline_class: type[DiffusionPipeline], source: str | Path, *,
+                       dtype: torch.dtype) -> DiffusionPipeline:
+    """Load a base model without ever reaching the network.
+
+    `source` is a diffusers folder, a single-file checkpoint (`.safetensors`), or a
+    hub id that is already in the local cache.
+    """
+    path = Path(source).expanduser()
+    try:
+        if path.is_dir():
+            if not (path / "model_index.json").is_file():
+                raise ModelError(f"`model.name_or_path` {path} is a folder without model_index.json; "
+                                 "point it at a diffusers model folder or a single .safetensors file")
+            return pipeline_class.from_pretrained(path, dtype=dtype, local_files_only=True)
+        if path.is_file():
+            refuse_pickle(path)
+            return pipeline_class.from_single_file(str(path), dtype=dtype, local_files_only=True)
+        if path.is_absolute() or str(source).startswith((".", "~")) or str(source).count("/") != 1:
+            raise ModelError(f"`model.name_or_path`: no such file or folder: {source}")
+        return pipeline_class.from_pretrained(str(source), dtype=dtype, local_files_only=True)
+    except (OSError, EnvironmentError) as error:
+        raise ModelError(
+            f"`model.name_or_path` {source}: cannot load it offline ({str(error).splitlines()[0]}); "
+            "sidecar never downloads: use a local folder or file, or a hub id already in the cache"
+        ) from error
+    except CheckpointError as error:
+        raise ModelError(f"`model.name_or_path`: {error}") from error
+
+
+def load_vae(source: str | Path, *, dtype: torch.dtype) -> AutoencoderKL:
+    """The VAE the config's `model.vae_path` names: a folder or a single file."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return AutoencoderKL.from_pretrained(path, dtype=dtype, local_files_only=True)
+    if path.is_file():
+        refuse_pickle(path)
+        return AutoencoderKL.from_single_file(str(path), dtype=dtype, local_files_only=True)
+    raise ModelError(f"`model.vae_path`: no such file or folder: {source}")

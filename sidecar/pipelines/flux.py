@@ -1,0 +1,69 @@
+"""Flux.1: guidance-distilled MMDiT with CLIP-L and T5.
+
+`guidance_scale` is Flux's embedded (distilled) guidance, not CFG. True CFG with a
+negative prompt runs only when asked (`true_cfg_scale` > 1 and a negative prompt),
+and doubles the cost of each step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from diffusers import FluxPipeline
+
+from sidecar.architectures import FLUX
+from sidecar.pipelines.base import Embeddings, Renderer
+from sidecar.prompts import SampleRequest
+
+T5_MAX_SEQUENCE_LENGTH = 512  # the pipeline's default; kept so images equal a plain call's
+
+
+class FluxRenderer(Renderer):
+    """Renders Flux samples."""
+
+    spec = FLUX
+    pipeline_class = FluxPipeline
+    denoiser = "transformer"
+    attention_kwargs = "joint_attention_kwargs"
+
+    def encode(self, prompt: str, negative_prompt: str, lora_scale: float | None) -> Embeddings:
+        prompt_embeds, pooled, _text_ids = self.pipe.encode_prompt(
+            prompt=prompt,
+            prompt_2=None,
+            device=self.device,
+            num_images_per_prompt=1,
+            max_sequence_length=T5_MAX_SEQUENCE_LENGTH,
+            lora_scale=lora_scale,
+        )
+        embeddings = {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled,
+                      "negative_prompt_embeds": None, "negative_pooled_prompt_embeds": None}
+        if negative_prompt:
+            negative_embeds, negative_pooled, _ = self.pipe.encode_prompt(
+                prompt=negative_prompt,
+                prompt_2=None,
+                device=self.device,
+                num_images_per_prompt=1,
+                max_sequence_length=T5_MAX_SEQUENCE_LENGTH,
+                lora_scale=lora_scale,
+            )
+            embeddings.update(negative_prompt_embeds=negative_embeds, negative_pooled_prompt_embeds=negative_pooled)
+        return embeddings
+
+    def call_arguments(self, batch: Sequence[SampleRequest], embeddings: Embeddings) -> dict[str, Any]:
+        first = batch[0]
+        arguments: dict[str, Any] = {
+            "prompt_embeds": embeddings["prompt_embeds"],
+            "pooled_prompt_embeds": embeddings["pooled_prompt_embeds"],
+            "guidance_scale": first.guidance_scale,
+            "max_sequence_length": T5_MAX_SEQUENCE_LENGTH,
+        }
+        # Batches share settings, but a negative prompt may be missing for some requests;
+        # true CFG needs one for every image of the batch.
+        if first.true_cfg_scale > 1 and embeddings["negative_prompt_embeds"] is not None:
+            arguments.update(
+                true_cfg_scale=first.true_cfg_scale,
+                negative_prompt_embeds=embeddings["negative_prompt_embeds"],
+                negative_pooled_prompt_embeds=embeddings["negative_pooled_prompt_embeds"],
+            )
+        return arguments

@@ -1,0 +1,559 @@
+"""Tiny random-weight SDXL, SD 3.5 and Flux models, and LoRA files as trainers write them.
+
+No hub, no downloads: every model is built from a config with fixed seeds, its
+tokenizers from an in-memory vocabulary, then saved as an ordinary diffusers folder
+that sidecar loads through the same code path as a user's real model. The demo,
+the tests and the benchmarks stand on these.
+
+Two sizes per architecture: `shallow` (a block or two; renders in a fraction of a
+second on CPU) and `deep` (the real block counts of SDXL, SD 3.5 medium and Flux
+with tiny widths, so per-module costs such as LoRA injection weigh as at full size).
+
+LoRA writers produce the key layouts real trainers write:
+- `peft`: diffusers / PEFT names through the pipeline's `save_lora_weights`
+  (ai-toolkit, SimpleTuner, diffusers' training scripts), alpha in the header metadata;
+- `kohya`: sd-scripts names (`lora_unet_…`, `lora_te1_…`, `.alpha`): on SDXL with
+  diffusers-style block names, on Flux with the original BFL block names;
+- `kohya_sgm`: SDXL kohya names in the original SGM layout (`input_blocks_4_1_…`),
+  what sd-scripts writes for SDXL;
+- `unprefixed`: PEFT names without the `unet.` / `transformer.` prefix, which
+  diffusers silently ignores (a LoRA that does not apply, for tests).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import string
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from sidecar.architectures import Arch
+
+Size = Literal["shallow", "deep"]
+LoraFormat = Literal["peft", "kohya", "kohya_sgm", "unprefixed"]
+
+LORA_FORMATS: dict[str, tuple[LoraFormat, ...]] = {
+    "sdxl": ("peft", "kohya", "kohya_sgm", "unprefixed"),
+    "sd3": ("peft", "kohya", "unprefixed"),
+    "flux": ("peft", "kohya", "unprefixed"),
+}
+
+CLIP_MAX_LENGTH = 77  # CLIP position embeddings; longer tokenizers break the text encoders
+T5_MAX_LENGTH = 256
+TEXT_WIDTH = 32  # hidden size of the tiny CLIP encoders
+T5_WIDTH = 64  # d_model of the tiny T5; >= the two CLIP widths summed (SD 3.5 pads CLIP to it)
+
+
+# ---------------------------------------------------------------------------------
+# Tokenizers: byte-level CLIP BPE and a character-level T5 unigram, both in memory.
+# ---------------------------------------------------------------------------------
+
+
+def make_clip_tokenizer():
+    """A byte-level CLIP tokenizer with no merges: every character is a token."""
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import CLIPTokenizer
+
+    vocab: dict[str, int] = {}
+    for char in sorted(ByteLevel.alphabet()):
+        vocab[char] = len(vocab)
+    for char in sorted(ByteLevel.alphabet()):
+        vocab[char + "</w>"] = len(vocab)
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=CLIP_MAX_LENGTH)
+
+
+def make_t5_tokenizer():
+    """A character-level T5 unigram tokenizer (pad=0, eos=1, unk=2)."""
+    from transformers import T5Tokenizer
+
+    pieces: list[tuple[str, float]] = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    for char in string.ascii_letters + string.digits + string.punctuation:
+        pieces.append((char, -3.0))
+        pieces.append(("▁" + char, -2.5))
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=T5_MAX_LENGTH)
+
+
+def _clip_config(tokenizer, *, layers: int, projection_dim: int = TEXT_WIDTH):
+    from transformers import CLIPTextConfig
+
+    # The config's special ids must be the tokenizer's, or pooling picks the wrong token.
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=TEXT_WIDTH,
+        intermediate_size=37,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        max_position_embeddings=CLIP_MAX_LENGTH,
+        projection_dim=projection_dim,
+        hidden_act="gelu",
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def _t5_encoder(tokenizer, *, layers: int):
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=T5_WIDTH,
+        d_kv=8,
+        d_ff=37,
+        num_layers=layers,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        dropout_rate=0.0,  # models built from configs start in train mode; no dropout either way
+        feed_forward_proj="gated-gelu",
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
+    return T5EncoderModel(config)
+
+
+def _vae(*, latent_channels: int, scaling_factor: float, shift_factor: float | None):
+    from diffusers import AutoencoderKL
+
+    # Four blocks give the real vae_scale_factor of 8 (three downsamplings).
+    flow_vae = shift_factor is not None
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 16, 16),
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=4,
+        sample_size=64,
+        scaling_factor=scaling_factor,
+        shift_factor=shift_factor,
+        use_quant_conv=not flow_vae,
+        use_post_quant_conv=not flow_vae,
+    )
+
+
+# ---------------------------------------------------------------------------------
+# Pipelines
+# ---------------------------------------------------------------------------------
+
+SDXL_SCHEDULER_CONFIG = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "prediction_type": "epsilon",
+    "interpolation_type": "linear",
+    "use_karras_sigmas": False,
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "sample_max_value": 1.0,
+}
+SD3_SCHEDULER_CONFIG = {"num_train_timesteps": 1000, "shift": 3.0}
+FLUX_SCHEDULER_CONFIG = {
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
+    "use_dynamic_shifting": True,
+    "base_shift": 0.5,
+    "max_shift": 1.15,
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 4096,
+}
+
+
+def build_sdxl(size: Size = "shallow", *, seed: int = 0):
+    """SDXL: UNet with text-time conditioning, CLIP-L + CLIP-bigG shaped encoders."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    deep = size == "deep"
+    tokenizer = make_clip_tokenizer()
+    torch.manual_seed(seed)
+    # SDXL reads hidden_states[-2], so each encoder needs at least two layers.
+    text_encoder = CLIPTextModel(_clip_config(tokenizer, layers=12 if deep else 2))
+    text_encoder_2 = CLIPTextModelWithProjection(_clip_config(tokenizer, layers=32 if deep else 2))
+    addition_time_embed_dim = 8
+    unet = UNet2DConditionModel(
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D")
+        if deep
+        else ("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")
+        if deep
+        else ("CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(32, 32, 64) if deep else (32, 64),
+        layers_per_block=2,
+        transformer_layers_per_block=(1, 2, 10) if deep else (1, 2),
+        attention_head_dim=(2, 4, 8) if deep else (2, 4),
+        norm_num_groups=8,
+        use_linear_projection=True,
+        cross_attention_dim=2 * TEXT_WIDTH,  # both encoders' hidden states, concatenated
+        addition_embed_type="text_time",
+        addition_time_embed_dim=addition_time_embed_dim,
+        projection_class_embeddings_input_dim=6 * addition_time_embed_dim + TEXT_WIDTH,
+    )
+    vae = _vae(latent_channels=4, scaling_factor=0.13025, shift_factor=None)
+    # from_config keeps DDIM's keys (clip_sample...) in the config, as SDXL's real file has them.
+    scheduler = EulerDiscreteScheduler.from_config(SDXL_SCHEDULER_CONFIG)
+    return StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=make_clip_tokenizer(),
+        unet=unet,
+        scheduler=scheduler,
+    )
+
+
+def build_sd3(size: Size = "shallow", *, seed: int = 0):
+    """SD 3.5: MMDiT (SD 3.5 medium shape when deep), two CLIP encoders and T5."""
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextModelWithProjection
+
+    deep = size == "deep"
+    clip_tokenizer = make_clip_tokenizer()
+    t5_tokenizer = make_t5_tokenizer()
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModelWithProjection(_clip_config(clip_tokenizer, layers=12 if deep else 2))
+    text_encoder_2 = CLIPTextModelWithProjection(_clip_config(clip_tokenizer, layers=32 if deep else 2))
+    text_encoder_3 = _t5_encoder(t5_tokenizer, layers=24 if deep else 2)
+    transformer = SD3Transformer2DModel(
+        sample_size=32,
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        num_layers=24 if deep else 2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=T5_WIDTH,  # CLIP states are padded to T5's width and joined
+        caption_projection_dim=32,
+        pooled_projection_dim=2 * TEXT_WIDTH,
+        pos_embed_max_size=96,
+        qk_norm="rms_norm",
+        dual_attention_layers=tuple(range(13)) if deep else (0,),
+    )
+    vae = _vae(latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609)
+    scheduler = FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER_CONFIG)
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=clip_tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=make_clip_tokenizer(),
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=t5_tokenizer,
+    )
+
+
+def build_flux(size: Size = "shallow", *, seed: int = 0):
+    """Flux.1 dev: double- and single-stream blocks, guidance embedding, CLIP-L and T5."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel
+
+    deep = size == "deep"
+    clip_tokenizer = make_clip_tokenizer()
+    t5_tokenizer = make_t5_tokenizer()
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(_clip_config(clip_tokenizer, layers=12 if deep else 2))
+    text_encoder_2 = _t5_encoder(t5_tokenizer, layers=24 if deep else 2)
+    latent_channels = 16
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=4 * latent_channels,  # latents are packed 2x2
+        num_layers=19 if deep else 1,
+        num_single_layers=38 if deep else 1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=T5_WIDTH,
+        pooled_projection_dim=TEXT_WIDTH,
+        guidance_embeds=True,
+        axes_dims_rope=(4, 6, 6),  # sums to attention_head_dim
+    )
+    vae = _vae(latent_channels=latent_channels, scaling_factor=0.3611, shift_factor=0.1159)
+    scheduler = FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER_CONFIG)
+    return FluxPipeline(
+        transformer=transformer,
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=clip_tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=t5_tokenizer,
+    )
+
+
+BUILDERS = {"sdxl": build_sdxl, "sd3": build_sd3, "flux": build_flux}
+
+
+def build_pipeline(arch: Arch, size: Size = "shallow", *, seed: int = 0):
+    """A tiny pipeline of `arch` in eval mode, weights from `seed`."""
+    if arch not in BUILDERS:
+        raise ValueError(f"`arch` must be one of {sorted(BUILDERS)}, got {arch!r}")
+    pipe = BUILDERS[arch](size, seed=seed)
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()  # models built from configs start in train mode
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def save_tiny_model(arch: Arch, folder: str | Path, *, size: Size = "shallow", seed: int = 0) -> Path:
+    """Build a tiny model and save it as a diffusers folder; reuse the folder if complete."""
+    folder = Path(folder)
+    if (folder / "model_index.json").is_file():
+        return folder
+    pipe = build_pipeline(arch, size, seed=seed)
+    partial = folder.with_name(folder.name + ".partial")
+    pipe.save_pretrained(partial, safe_serialization=True)
+    partial.rename(folder)  # a folder with model_index.json is always complete
+    return folder
+
+
+def tiny_models(root: str | Path, *, size: Size = "shallow") -> dict[str, Path]:
+    """All three tiny models under `root` (built once, then reused)."""
+    root = Path(root)
+    return {arch: save_tiny_model(arch, root / f"tiny-{arch}-{size}", size=size) for arch in BUILDERS}
+
+
+# ---------------------------------------------------------------------------------
+# LoRA files
+# ---------------------------------------------------------------------------------
+
+# Which linear layers a LoRA targets, per model component (regex on the module name).
+LORA_TARGETS: dict[str, dict[str, str]] = {
+    "sdxl": {
+        "unet": r"attentions\.\d+\.transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$",
+        "text_encoder": r"self_attn\.(q_proj|k_proj|v_proj|out_proj)$",
+        "text_encoder_2": r"self_attn\.(q_proj|k_proj|v_proj|out_proj)$",
+    },
+    "sd3": {
+        "transformer": r"transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0)$",
+    },
+    "flux": {
+        "transformer": r"transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0)$",
+    },
+}
+
+
+def linear_shapes(model_folder: str | Path, component: str) -> dict[str, tuple[int, int]]:
+    """`{module name: (out_features, in_features)}` of a saved component's 2-D weights.
+
+    Read from the safetensors headers only: no model is instantiated.
+    """
+    shapes: dict[str, tuple[int, int]] = {}
+    for path in sorted((Path(model_folder) / component).glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as handle:
+            for key in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
+                if not key.endswith(".weight"):
+                    continue
+                shape = handle.get_slice(key).get_shape()
+                if len(shape) == 2:
+                    shapes[key.removesuffix(".weight")] = (shape[0], shape[1])
+    return shapes
+
+
+def lora_pairs(
+    model_folder: str | Path,
+    arch: Arch,
+    *,
+    rank: int,
+    seed: int,
+    scale: float,
+    components: Iterable[str] | None = None,
+) -> dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """Random LoRA matrices `{component: {module: (down [r, in], up [out, r])}}`.
+
+    `up` is not zero (a trained LoRA, unlike a fresh one), so the LoRA visibly changes
+    the image; `scale` multiplies it, which lets the demo write LoRAs that evolve.
+    """
+    targets = LORA_TARGETS[arch]
+    generator = torch.Generator().manual_seed(seed)
+    pairs: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+    for component in components or targets:
+        pattern = re.compile(targets[component])
+        modules = {}
+        for name, (out_features, in_features) in sorted(linear_shapes(model_folder, component).items()):
+            if pattern.search(name):
+                down = torch.randn(rank, in_features, generator=generator) / in_features**0.5
+                up = torch.randn(out_features, rank, generator=generator) * scale
+                modules[name] = (down, up)
+        pairs[component] = modules
+    return pairs
+
+
+def write_lora(
+    model_folder: str | Path,
+    arch: Arch,
+    path: str | Path,
+    *,
+    lora_format: LoraFormat = "peft",
+    rank: int = 4,
+    alpha: float | None = None,
+    seed: int = 1,
+    scale: float = 1.0,
+    text_encoder: bool = False,
+    metadata: dict[str, str] | None = None,
+) -> Path:
+    """Write a LoRA for the tiny model in `model_folder`, in a trainer's key format.
+
+    `alpha` defaults to `rank` (scale 1). `text_encoder=True` adds CLIP-L layers (SDXL).
+    `metadata` goes into the safetensors header, as trainers store their step there.
+    """
+    if lora_format not in LORA_FORMATS[arch]:
+        raise ValueError(f"`lora_format` for {arch} must be one of {LORA_FORMATS[arch]}, got {lora_format!r}")
+    alpha = float(rank if alpha is None else alpha)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    components = [c for c in LORA_TARGETS[arch] if text_encoder or not c.startswith("text_encoder")]
+    if arch == "flux" and lora_format == "kohya":
+        tensors = _kohya_flux_tensors(model_folder, rank=rank, alpha=alpha, seed=seed, scale=scale)
+        return _save(tensors, path, metadata)
+    pairs = lora_pairs(model_folder, arch, rank=rank, seed=seed, scale=scale, components=components)
+    if lora_format == "peft":
+        return _save_peft(arch, pairs, path, rank=rank, alpha=alpha, metadata=metadata)
+    if lora_format == "unprefixed":
+        tensors = {}
+        for modules in pairs.values():
+            for name, (down, up) in modules.items():
+                tensors[f"{name}.lora_A.weight"] = down
+                tensors[f"{name}.lora_B.weight"] = up
+        return _save(tensors, path, metadata)
+    tensors = {}
+    for component, modules in pairs.items():
+        prefix = KOHYA_PREFIXES[component]
+        for name, (down, up) in modules.items():
+            if component == "unet" and lora_format == "kohya_sgm":
+                name = sgm_unet_name(name, _unet_config(model_folder))
+            elif arch == "sd3" and component == "transformer":
+                name = sd3_original_name(name)
+            key = f"{prefix}_{name.replace('.', '_')}"
+            tensors[f"{key}.lora_down.weight"] = down
+            tensors[f"{key}.lora_up.weight"] = up
+            tensors[f"{key}.alpha"] = torch.tensor(alpha)
+    return _save(tensors, path, metadata)
+
+
+KOHYA_PREFIXES = {
+    "unet": "lora_unet",
+    "transformer": "lora_unet",
+    "text_encoder": "lora_te1",
+    "text_encoder_2": "lora_te2",
+}
+
+
+def _save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None) -> Path:
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata or {})
+    return path
+
+
+def _save_peft(arch: Arch, pairs, path: Path, *, rank: int, alpha: float, metadata) -> Path:
+    """diffusers' own writer, so the file is exactly what diffusers-based trainers save."""
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionXLPipeline
+
+    pipeline_class = {
+        "sdxl": StableDiffusionXLPipeline,
+        "sd3": StableDiffusion3Pipeline,
+        "flux": FluxPipeline,
+    }[arch]
+    kwargs = {}
+    for component, modules in pairs.items():
+        layers = {}
+        for name, (down, up) in modules.items():
+            layers[f"{name}.lora_A.weight"] = down.contiguous()
+            layers[f"{name}.lora_B.weight"] = up.contiguous()
+        kwargs[f"{component}_lora_layers"] = layers
+        kwargs[f"{component}_lora_adapter_metadata"] = {
+            "r": rank,
+            "lora_alpha": alpha,
+            "target_modules": sorted(modules),  # full names: no layer outside the file is wrapped
+        }
+    pipeline_class.save_lora_weights(path.parent, weight_name=path.name, **kwargs)
+    if metadata:
+        _add_metadata(path, metadata)
+    return path
+
+
+def _add_metadata(path: Path, metadata: dict[str, str]) -> None:
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as handle:
+        existing = dict(handle.metadata() or {})
+    save_file(load_file(str(path)), str(path), metadata={**existing, **metadata})
+
+
+def _unet_config(model_folder: str | Path) -> dict:
+    return json.loads((Path(model_folder) / "unet" / "config.json").read_text())
+
+
+def sgm_unet_name(name: str, unet_config: dict) -> str:
+    """A diffusers UNet module name in the original SGM layout that kohya writes for SDXL.
+
+    `down_blocks.1.attentions.0.…` -> `input_blocks.4.1.…` (with 2 layers per block:
+    input block 0 is conv_in, each down block takes layers+1 slots).
+    """
+    layers = unet_config["layers_per_block"]
+    match = re.match(r"down_blocks\.(\d+)\.attentions\.(\d+)\.(.*)", name)
+    if match:
+        block, layer, rest = int(match[1]), int(match[2]), match[3]
+        return f"input_blocks.{1 + block * (layers + 1) + layer}.1.{rest}"
+    match = re.match(r"mid_block\.attentions\.0\.(.*)", name)
+    if match:
+        return f"middle_block.1.{match[1]}"
+    match = re.match(r"up_blocks\.(\d+)\.attentions\.(\d+)\.(.*)", name)
+    if match:
+        block, layer, rest = int(match[1]), int(match[2]), match[3]
+        return f"output_blocks.{block * (layers + 1) + layer}.1.{rest}"
+    raise ValueError(f"no SGM name for UNet module {name!r}")
+
+
+def sd3_original_name(name: str) -> str:
+    """An SD3 diffusers module name in SAI's original MMDiT names (`joint_blocks_0_x_block_…`)."""
+    match = re.match(r"transformer_blocks\.(\d+)\.attn\.(to_q|to_k|to_v|to_out\.0)", name)
+    if not match:
+        raise ValueError(f"no original SD3 name for {name!r}")
+    part = {"to_q": "attn.qkv_q", "to_k": "attn.qkv_k", "to_v": "attn.qkv_v", "to_out.0": "attn.proj"}
+    return f"joint_blocks.{match[1]}.x_block.{part[match[2]]}"
+
+
+def _kohya_flux_tensors(model_folder, *, rank: int, alpha: float, seed: int, scale: float):
+    """sd-scripts' Flux LoRA: BFL module names, fused qkv in the double and single blocks."""
+    config = json.loads((Path(model_folder) / "transformer" / "config.json").read_text())
+    hidden = config["num_attention_heads"] * config["attention_head_dim"]
+    mlp = 4 * hidden  # Flux's mlp_ratio
+    shapes: dict[str, tuple[int, int]] = {}
+    for block in range(config["num_layers"]):
+        for stream in ("img", "txt"):
+            shapes[f"double_blocks_{block}_{stream}_attn_qkv"] = (3 * hidden, hidden)
+            shapes[f"double_blocks_{block}_{stream}_attn_proj"] = (hidden, hidden)
+    for block in range(config["num_single_layers"]):
+        # diffusers splits `linear1` (fused qkv + mlp) with Flux-dev's real widths hard-coded,
+        # so tiny models can carry only `linear2` of the single blocks.
+        shapes[f"single_blocks_{block}_linear2"] = (hidden, hidden + mlp)
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, (out_features, in_features) in shapes.items():
+        key = f"lora_unet_{name}"
+        tensors[f"{key}.lora_down.weight"] = torch.randn(rank, in_features, generator=generator) / in_features**0.5
+        tensors[f"{key}.lora_up.weight"] = torch.randn(out_features, rank, generator=generator) * scale
+        tensors[f"{key}.alpha"] = torch.tensor(alpha)
+    return tensors
