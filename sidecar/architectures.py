@@ -79,12 +79,18 @@ ARCH_ALIASES: dict[str, Arch] = {
     "sd35": "sd3",
     "sd3.5": "sd3",
     "sd3_5": "sd3",
+    "sd35_large": "sd3",
+    "sd35_medium": "sd3",
+    "sd3.5_large": "sd3",
+    "sd3.5_medium": "sd3",
     "v3": "sd3",
     "flux": "flux",
     "flux1": "flux",
     "flux.1": "flux",
     "flux_dev": "flux",
     "flux_schnell": "flux",
+    "flux-dev": "flux",
+    "flux-schnell": "flux",
 }
 
 

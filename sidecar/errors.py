@@ -18,8 +18,9 @@ class ConfigError(SidecarError):
     front of the message, so the user can jump straight to the key.
     """
 
-    def __init__(self, message: str, *, file: str | None = None, line: int | None = None,
-                 yaml_path: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, file: str | None = None, line: int | None = None, yaml_path: str | None = None
+    ) -> None:
         self.file = file
         self.line = line
         self.yaml_path = yaml_path

@@ -36,8 +36,16 @@ TEXT_ENCODER_MARKERS = ("text_encoder", "lora_te", "te1.", "te2.", "text_encoder
 ARCH_KEY_MARKERS: dict[Arch, tuple[str, ...]] = {
     "flux": ("double_blocks", "single_blocks", "single_transformer_blocks"),
     "sd3": ("joint_blocks",),
-    "sdxl": ("unet.", "lora_unet_down_blocks", "lora_unet_up_blocks", "lora_unet_mid_block",
-             "lora_unet_input_blocks", "lora_unet_output_blocks", "lora_unet_middle_block", "lora_te2_"),
+    "sdxl": (
+        "unet.",
+        "lora_unet_down_blocks",
+        "lora_unet_up_blocks",
+        "lora_unet_mid_block",
+        "lora_unet_input_blocks",
+        "lora_unet_output_blocks",
+        "lora_unet_middle_block",
+        "lora_te2_",
+    ),
 }
 
 
@@ -91,7 +99,7 @@ def inspect_lora(path: str | Path) -> LoraFile:
     refuse_pickle(path)
     try:
         with safe_open(str(path), framework="pt") as handle:
-            keys = list(handle.keys())  # noqa: SIM118 - safe_open is not a mapping
+            keys = list(handle.keys())
             metadata = dict(handle.metadata() or {})
     except FileNotFoundError:
         raise
@@ -131,8 +139,11 @@ def detect_format(keys: list[str]) -> str | None:
 
 def guess_arch(keys: list[str]) -> Arch | None:
     """The one architecture whose module names the keys use, or None if unclear."""
-    found = {arch for arch, markers in ARCH_KEY_MARKERS.items()
-             if any(marker in key for key in keys for marker in markers)}
+    found = {
+        arch
+        for arch, markers in ARCH_KEY_MARKERS.items()
+        if any(marker in key for key in keys for marker in markers)
+    }
     return found.pop() if len(found) == 1 else None
 
 
@@ -156,11 +167,15 @@ def check_applied(lora: LoraFile, expected: dict[str, int], injected: dict[str, 
     if sum(injected.values()) == 0:
         hint = ""
         if lora.arch_guess and lora.arch_guess != arch:
-            hint = (f"; its key names are those of a {ARCH_SPECS[lora.arch_guess].label} LoRA, "
-                    f"but the base model is {label}")
+            hint = (
+                f"; its key names are those of a {ARCH_SPECS[lora.arch_guess].label} LoRA, "
+                f"but the base model is {label}"
+            )
         elif lora.format == "unprefixed":
-            hint = ("; its keys have no `unet.` / `transformer.` prefix, so diffusers cannot tell "
-                    "which model they belong to")
+            hint = (
+                "; its keys have no `unet.` / `transformer.` prefix, so diffusers cannot tell "
+                "which model they belong to"
+            )
         elif expected.get("unmapped"):
             hint = f"; diffusers has no converter for {lora.format} keys on {label}"
         keys = ", ".join(f"`{key}`" for key in lora.first_keys)
@@ -173,5 +188,9 @@ def check_applied(lora: LoraFile, expected: dict[str, int], injected: dict[str, 
         if got < count:
             logger.warning(
                 "%s: only %d of %d LoRA modules for %s applied; the rest match no layer of the %s base",
-                lora.path, got, count, component, label,
+                lora.path,
+                got,
+                count,
+                component,
+                label,
             )

@@ -553,7 +553,9 @@ def _kohya_flux_tensors(model_folder, *, rank: int, alpha: float, seed: int, sca
     tensors = {}
     for name, (out_features, in_features) in shapes.items():
         key = f"lora_unet_{name}"
-        tensors[f"{key}.lora_down.weight"] = torch.randn(rank, in_features, generator=generator) / in_features**0.5
+        tensors[f"{key}.lora_down.weight"] = (
+            torch.randn(rank, in_features, generator=generator) / in_features**0.5
+        )
         tensors[f"{key}.lora_up.weight"] = torch.randn(out_features, rank, generator=generator) * scale
         tensors[f"{key}.alpha"] = torch.tensor(alpha)
     return tensors

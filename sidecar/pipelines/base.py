@@ -18,13 +18,15 @@ from typing import Any, ClassVar
 
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline
-from PIL import Image
+from diffusers.utils import logging as diffusers_logging
 from peft.tuners.tuners_utils import BaseTunerLayer
+from PIL import Image
+from transformers.utils import logging as transformers_logging
 
 from sidecar.architectures import ArchSpec
 from sidecar.errors import CheckpointError, LoraError, ModelError
 from sidecar.lora import LoraFile, LoraReport, check_applied, expected_modules, inspect_lora, refuse_pickle
-from sidecar.pipelines.schedulers import make_scheduler
+from sidecar.pipelines.schedulers import make_scheduler, sampler_spec
 from sidecar.prompts import SampleRequest
 
 logger = logging.getLogger("sidecar.render")
@@ -46,7 +48,9 @@ class Renderer(ABC):
     denoiser: ClassVar[str]  # the pipeline component LoRAs mostly target: "unet" or "transformer"
     attention_kwargs: ClassVar[str]  # the `__call__` argument that carries the LoRA scale
 
-    def __init__(self, pipe: DiffusionPipeline, *, base_model: str, on_event: EventCallback = _no_event) -> None:
+    def __init__(
+        self, pipe: DiffusionPipeline, *, base_model: str, on_event: EventCallback = _no_event
+    ) -> None:
         self.pipe = pipe
         self.base_model = base_model
         self.on_event = on_event
@@ -64,15 +68,14 @@ class Renderer(ABC):
         model_source: str | Path,
         *,
         vae_path: str | Path | None = None,
-        device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         on_event: EventCallback = _no_event,
     ) -> Renderer:
-        """Load the base pipeline once: a diffusers folder, a cached hub id, or a single file."""
+        """Load the base pipeline once, on the CPU: a diffusers folder, a cached hub id, or a
+        single file. `sidecar.devices.apply_memory_mode` then places it on its device."""
         pipe = load_base_pipeline(cls.pipeline_class, model_source, dtype=dtype)
         if vae_path:
             pipe.vae = load_vae(vae_path, dtype=dtype)
-        pipe.to(device)
         return cls(pipe, base_model=str(model_source), on_event=on_event)
 
     @property
@@ -115,8 +118,9 @@ class Renderer(ABC):
         self._lora_generation += 1
         self._embeddings = {key: value for key, value in self._embeddings.items() if key[2] is None}
         report = LoraReport(lora=lora, expected=expected, injected=injected, hotswapped=hotswap)
-        self.on_event("lora_applied", {"path": str(lora.path), "hotswapped": hotswap,
-                                       "layers": report.injected_total})
+        self.on_event(
+            "lora_applied", {"path": str(lora.path), "hotswapped": hotswap, "layers": report.injected_total}
+        )
         return report
 
     def remove_lora(self) -> None:
@@ -158,7 +162,8 @@ class Renderer(ABC):
             if not isinstance(component, torch.nn.Module):
                 continue
             count = sum(
-                1 for module in component.modules()
+                1
+                for module in component.modules()
                 if isinstance(module, BaseTunerLayer) and ADAPTER_NAME in getattr(module, "lora_A", {})
             )
             if count:
@@ -173,14 +178,17 @@ class Renderer(ABC):
             hint = ""
             if lora.arch_guess and lora.arch_guess != self.spec.name:
                 hint = f" (its key names are those of a {lora.arch_guess} LoRA)"
-            return (f"{lora.path}: LoRA shapes do not match the {self.spec.label} base model{hint}: "
-                    + "; ".join(mismatch))
+            return (
+                f"{lora.path}: LoRA shapes do not match the {self.spec.label} base model{hint}: "
+                + "; ".join(mismatch)
+            )
         return f"{lora.path}: diffusers could not load this {lora.format} LoRA on {self.spec.label}: {first}"
 
     # -- rendering -----------------------------------------------------------------------
 
-    def render(self, requests: Sequence[SampleRequest], *, batch_size: int = 1
-               ) -> Iterator[tuple[SampleRequest, Image.Image]]:
+    def render(
+        self, requests: Sequence[SampleRequest], *, batch_size: int = 1
+    ) -> Iterator[tuple[SampleRequest, Image.Image]]:
         """Render `requests`, yielding each image as soon as its batch is done.
 
         Requests with equal settings share a pipeline call of up to `batch_size`
@@ -188,22 +196,33 @@ class Renderer(ABC):
         batch gives the images of one-by-one renders.
         """
         for batch in plan_batches(requests, batch_size=batch_size):
-            self.on_event("batch_start", {"indices": [request.index for request in batch]})
-            embeddings = [self.embeddings(request) for request in batch]
-            first = batch[0]
-            self.pipe.scheduler = make_scheduler(self.spec.name, first.sampler, self.base_scheduler_config)
-            arguments = self.call_arguments(batch, stack_embeddings(embeddings))
-            arguments.update(
-                height=first.height,
-                width=first.width,
-                num_inference_steps=first.steps,
-                generator=[torch.Generator("cpu").manual_seed(request.seed) for request in batch],
-                output_type="pil",
-            )
-            if self.lora is not None:
-                arguments[self.attention_kwargs] = {"scale": first.strength}
-            images = self.pipe(**arguments).images
-            yield from zip(batch, images)
+            if sampler_spec(self.spec.name, batch[0].sampler).global_rng:
+                # This scheduler draws its step noise from torch's global generator: one
+                # image per call, the global generator seeded from the request.
+                for request in batch:
+                    torch.manual_seed(request.seed)
+                    yield from self._render_batch([request])
+            else:
+                yield from self._render_batch(batch)
+
+    def _render_batch(self, batch: Sequence[SampleRequest]) -> Iterator[tuple[SampleRequest, Image.Image]]:
+        """One pipeline call for requests that share their settings."""
+        self.on_event("batch_start", {"indices": [request.index for request in batch]})
+        embeddings = [self.embeddings(request) for request in batch]
+        first = batch[0]
+        self.pipe.scheduler = make_scheduler(self.spec.name, first.sampler, self.base_scheduler_config)
+        arguments = self.call_arguments(batch, stack_embeddings(embeddings))
+        arguments.update(
+            height=first.height,
+            width=first.width,
+            num_inference_steps=first.steps,
+            generator=[torch.Generator("cpu").manual_seed(request.seed) for request in batch],
+            output_type="pil",
+        )
+        if self.lora is not None:
+            arguments[self.attention_kwargs] = {"scale": first.strength}
+        images = self.pipe(**arguments).images
+        yield from zip(batch, images, strict=True)
 
     def embeddings(self, request: SampleRequest) -> Embeddings:
         """The prompt's embeddings, encoded once and reused for every checkpoint.
@@ -248,8 +267,11 @@ def plan_batches(requests: Sequence[SampleRequest], *, batch_size: int) -> list[
         # With and without a negative prompt can differ in kind (Flux true CFG): never mixed.
         key = (*request.batch_key(), bool(request.negative_prompt))
         groups.setdefault(key, []).append(request)
-    return [group[start:start + batch_size] for group in groups.values()
-            for start in range(0, len(group), batch_size)]
+    return [
+        group[start : start + batch_size]
+        for group in groups.values()
+        for start in range(0, len(group), batch_size)
+    ]
 
 
 def stack_embeddings(embeddings: Sequence[Embeddings]) -> Embeddings:
@@ -261,19 +283,24 @@ def stack_embeddings(embeddings: Sequence[Embeddings]) -> Embeddings:
     return stacked
 
 
-def load_base_pipeline(pipeline_class: type[DiffusionPipeline], source: str | Path, *,
-                       dtype: torch.dtype) -> DiffusionPipeline:
+def load_base_pipeline(
+    pipeline_class: type[DiffusionPipeline], source: str | Path, *, dtype: torch.dtype
+) -> DiffusionPipeline:
     """Load a base model without ever reaching the network.
 
     `source` is a diffusers folder, a single-file checkpoint (`.safetensors`), or a
     hub id that is already in the local cache.
     """
+    diffusers_logging.disable_progress_bar()  # loading bars are for notebooks, not daemon logs
+    transformers_logging.disable_progress_bar()
     path = Path(source).expanduser()
     try:
         if path.is_dir():
             if not (path / "model_index.json").is_file():
-                raise ModelError(f"`model.name_or_path` {path} is a folder without model_index.json; "
-                                 "point it at a diffusers model folder or a single .safetensors file")
+                raise ModelError(
+                    f"`model.name_or_path` {path} is a folder without model_index.json; "
+                    "point it at a diffusers model folder or a single .safetensors file"
+                )
             return pipeline_class.from_pretrained(path, dtype=dtype, local_files_only=True)
         if path.is_file():
             refuse_pickle(path)
@@ -281,7 +308,7 @@ def load_base_pipeline(pipeline_class: type[DiffusionPipeline], source: str | Pa
         if path.is_absolute() or str(source).startswith((".", "~")) or str(source).count("/") != 1:
             raise ModelError(f"`model.name_or_path`: no such file or folder: {source}")
         return pipeline_class.from_pretrained(str(source), dtype=dtype, local_files_only=True)
-    except (OSError, EnvironmentError) as error:
+    except OSError as error:
         raise ModelError(
             f"`model.name_or_path` {source}: cannot load it offline ({str(error).splitlines()[0]}); "
             "sidecar never downloads: use a local folder or file, or a hub id already in the cache"

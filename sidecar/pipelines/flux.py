@@ -36,8 +36,12 @@ class FluxRenderer(Renderer):
             max_sequence_length=T5_MAX_SEQUENCE_LENGTH,
             lora_scale=lora_scale,
         )
-        embeddings = {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled,
-                      "negative_prompt_embeds": None, "negative_pooled_prompt_embeds": None}
+        embeddings = {
+            "prompt_embeds": prompt_embeds,
+            "pooled_prompt_embeds": pooled,
+            "negative_prompt_embeds": None,
+            "negative_pooled_prompt_embeds": None,
+        }
         if negative_prompt:
             negative_embeds, negative_pooled, _ = self.pipe.encode_prompt(
                 prompt=negative_prompt,
@@ -47,7 +51,9 @@ class FluxRenderer(Renderer):
                 max_sequence_length=T5_MAX_SEQUENCE_LENGTH,
                 lora_scale=lora_scale,
             )
-            embeddings.update(negative_prompt_embeds=negative_embeds, negative_pooled_prompt_embeds=negative_pooled)
+            embeddings.update(
+                negative_prompt_embeds=negative_embeds, negative_pooled_prompt_embeds=negative_pooled
+            )
         return embeddings
 
     def call_arguments(self, batch: Sequence[SampleRequest], embeddings: Embeddings) -> dict[str, Any]:

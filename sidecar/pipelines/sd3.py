@@ -42,5 +42,8 @@ class SD3Renderer(Renderer):
         }
 
     def call_arguments(self, batch: Sequence[SampleRequest], embeddings: Embeddings) -> dict[str, Any]:
-        return {**embeddings, "guidance_scale": batch[0].guidance_scale,
-                "max_sequence_length": T5_MAX_SEQUENCE_LENGTH}
+        return {
+            **embeddings,
+            "guidance_scale": batch[0].guidance_scale,
+            "max_sequence_length": T5_MAX_SEQUENCE_LENGTH,
+        }

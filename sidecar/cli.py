@@ -1,0 +1,228 @@
+"""`sidecar` command line: parse, build the config, set up logging, call one function.
+
+Exit codes: 0 done, 1 a render failed, 2 bad input (config, checkpoint, arguments).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from sidecar import __version__
+from sidecar.errors import SidecarError
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_BAD_INPUT = 2
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line, for log shippers (`--log-format json`)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def setup_logging(*, verbose: bool = False, log_format: str = "plain") -> None:
+    """Plain lines on stderr (journald shows them well) or JSON lines; quiet libraries."""
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        handler.setFormatter(JsonLogFormatter())
+    else:
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S")
+        )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+    logging.getLogger("sidecar").setLevel(logging.DEBUG if verbose else logging.INFO)
+    quiet_libraries()
+
+
+def quiet_libraries() -> None:
+    """diffusers and transformers print progress bars and advice meant for notebooks."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # sidecar never downloads
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore", message=".*torchvision.*")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sidecar",
+        description="Render a LoRA trainer's sample images out of process, on a GPU it does not use.",
+    )
+    parser.add_argument("--version", action="version", version=f"sidecar {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--log-format", choices=("plain", "json"), default=None)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def config_options(command: argparse.ArgumentParser, *, required: bool = True) -> None:
+        command.add_argument("--config", type=Path, required=required, help="the trainer's YAML config")
+        command.add_argument(
+            "--process",
+            default=None,
+            help="which config.process[] entry: index or name (default: first with `sample:`)",
+        )
+        command.add_argument(
+            "--prompts",
+            type=Path,
+            default=None,
+            help="a kohya prompt file (.txt) instead of the config's prompts",
+        )
+
+    def device_options(command: argparse.ArgumentParser) -> None:
+        where = command.add_mutually_exclusive_group()
+        where.add_argument("--gpu", type=int, default=None, help="render on cuda:N only")
+        where.add_argument("--device", default=None, help="a torch device, e.g. cpu")
+        command.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default=None)
+        command.add_argument(
+            "--offload", choices=("none", "model", "sequential", "group", "auto"), default=None
+        )
+
+    check = commands.add_parser("check", help="parse a trainer config and print the sample plan")
+    check.add_argument("config_file", type=Path, metavar="CONFIG")
+    check.add_argument("--process", default=None)
+    check.add_argument("--prompts", type=Path, default=None)
+
+    render = commands.add_parser("render", help="render one checkpoint's samples")
+    render.add_argument("checkpoint", type=Path, nargs="?", metavar="CHECKPOINT")
+    config_options(render)
+    device_options(render)
+    render.add_argument("--output", type=Path, default=None, help="samples folder")
+    render.add_argument("--step", type=int, default=None, help="the step, when the file name has none")
+    render.add_argument(
+        "--baseline", action="store_true", help="render the base model without LoRA into step_000000"
+    )
+
+    watch = commands.add_parser("watch", help="watch a trainer's output folder and render each checkpoint")
+    watch.add_argument("output_dir", type=Path, metavar="OUTPUT_DIR")
+    config_options(watch)
+    device_options(watch)
+    watch.add_argument(
+        "--output", type=Path, default=None, help="samples folder (default OUTPUT_DIR/samples)"
+    )
+    watch.add_argument("--backlog", choices=("all", "latest"), default=None)
+    watch.add_argument("--pattern", default=None, help="checkpoint file-name regex with a `step` group")
+    watch.add_argument("--polling", action="store_true", help="poll instead of inotify (network filesystems)")
+    watch.add_argument("--once", action="store_true", help="render what is there, then exit")
+
+    status = commands.add_parser("status", help="the queue, the last rendered step and the failures")
+    status.add_argument("output_dir", type=Path, metavar="OUTPUT_DIR")
+    status.add_argument(
+        "--output", type=Path, default=None, help="samples folder (default OUTPUT_DIR/samples)"
+    )
+
+    demo = commands.add_parser("demo", help="a simulated training run beside the daemon, on tiny models")
+    demo.add_argument("--workdir", type=Path, default=Path("out/demo"))
+    demo.add_argument("--arch", choices=("sdxl", "sd3", "flux"), default="sdxl")
+
+    tiny = commands.add_parser("tiny", help="build the tiny offline models into a folder")
+    tiny.add_argument("folder", type=Path)
+    tiny.add_argument("--size", choices=("shallow", "deep"), default="shallow")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(verbose=args.verbose, log_format=args.log_format or "plain")
+    handler = COMMANDS[args.command]
+    try:
+        return handler(args)
+    except SidecarError as error:
+        logging.getLogger("sidecar").error("%s", error)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        return 130
+
+
+def _process(value: str | None) -> int | str | None:
+    return int(value) if value is not None and value.isdigit() else value
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from sidecar.config import load_trainer_config
+    from sidecar.prompts import build_plan, format_plan
+
+    config = load_trainer_config(args.config_file, process=_process(args.process))
+    plan = build_plan(config, prompts_file=args.prompts)
+    print(format_plan(config, plan))
+    return EXIT_OK
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    from sidecar.sampling import render_command
+
+    return render_command(
+        checkpoint=args.checkpoint,
+        config_path=args.config,
+        process=_process(args.process),
+        prompts_file=args.prompts,
+        samples_dir=args.output,
+        step=args.step,
+        baseline=args.baseline,
+        overrides={"gpu": args.gpu, "device": args.device, "dtype": args.dtype, "offload": args.offload},
+    )
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    from sidecar.daemon import DaemonSettings, run_daemon
+
+    settings = DaemonSettings(
+        output_dir=args.output_dir,
+        config_path=args.config,
+        process=_process(args.process),
+        prompts_file=args.prompts,
+        samples_dir=args.output,
+        device=f"cuda:{args.gpu}" if args.gpu is not None else args.device,
+        backlog=args.backlog,
+        pattern=args.pattern,
+        use_polling_observer=args.polling,
+        once=args.once,
+    )
+    return run_daemon(settings)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from sidecar.daemon import status_report
+
+    print(status_report(args.output or args.output_dir / "samples"))
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from sidecar.demo import run_demo
+
+    return run_demo(args.workdir, arch=args.arch)
+
+
+def cmd_tiny(args: argparse.Namespace) -> int:
+    from sidecar.tiny import tiny_models
+
+    for arch, folder in tiny_models(args.folder, size=args.size).items():
+        print(f"{arch}: {folder}")
+    return EXIT_OK
+
+
+COMMANDS = {
+    "check": cmd_check,
+    "render": cmd_render,
+    "watch": cmd_watch,
+    "status": cmd_status,
+    "demo": cmd_demo,
+    "tiny": cmd_tiny,
+}

@@ -1,0 +1,160 @@
+"""Render one checkpoint's sample plan to files: the core `sidecar render` and the daemon share.
+
+A renderer holds the base model; this module applies one checkpoint's LoRA to it,
+renders the requests and writes each image atomically as soon as it exists, so a
+stop between two images loses nothing that was already rendered.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from sidecar.checkpoints import recognise, resolve_step
+from sidecar.config import SidecarSettings, TrainerConfig, load_trainer_config
+from sidecar.devices import apply_memory_mode, resolve_device, resolve_dtype
+from sidecar.errors import CheckpointError, SidecarError
+from sidecar.output import SamplePaths, write_sample
+from sidecar.pipelines import Renderer, renderer_class
+from sidecar.prompts import SampleRequest, build_plan
+
+logger = logging.getLogger("sidecar.render")
+
+
+@dataclass(frozen=True)
+class RenderedSample:
+    """One sample on disk."""
+
+    request: SampleRequest
+    paths: SamplePaths
+    seconds: float  # wall time since the previous image (a batch's time falls on its first image)
+
+
+def load_renderer(config: TrainerConfig, settings: SidecarSettings | None = None) -> Renderer:
+    """The base model the trainer config names, loaded once and placed on its device.
+
+    `settings` (device, gpu, dtype, offload) default to the config's `sidecar:` section.
+    """
+    settings = settings or config.sidecar
+    device = resolve_device(device=settings.device, gpu=settings.gpu)
+    dtype = resolve_dtype(settings.dtype, device)
+    renderer = renderer_class(config.arch).from_model(
+        str(config.model.name_or_path), vae_path=config.model.vae_path, dtype=dtype
+    )
+    mode = apply_memory_mode(renderer.pipe, settings.offload, device)
+    logger.info(
+        "loaded %s base %s on %s (%s, offload=%s)",
+        renderer.spec.label,
+        config.model.name_or_path,
+        device,
+        str(dtype).removeprefix("torch."),
+        mode,
+    )
+    return renderer
+
+
+def render_samples(
+    renderer: Renderer,
+    requests: Sequence[SampleRequest],
+    *,
+    samples_dir: Path,
+    step: int,
+    image_format: str = "png",
+    batch_size: int = 1,
+    should_stop: Callable[[], bool] = lambda: False,
+    on_sample: Callable[[RenderedSample], None] = lambda sample: None,
+) -> list[RenderedSample]:
+    """Render `requests` with the renderer's current LoRA and write each image.
+
+    `should_stop` is asked after every image; when it says so, the images written
+    so far are kept and the rest are left for later (the job store knows which).
+    """
+    lora_name = renderer.lora.path.name if renderer.lora is not None else None
+    rendered: list[RenderedSample] = []
+    started = time.perf_counter()
+    for request, image in renderer.render(requests, batch_size=batch_size):
+        paths = write_sample(
+            samples_dir,
+            step,
+            request,
+            image,
+            image_format=image_format,
+            base_model=renderer.base_model,
+            lora_name=lora_name,
+            arch=renderer.spec.name,
+        )
+        now = time.perf_counter()
+        sample = RenderedSample(request=request, paths=paths, seconds=now - started)
+        started = now
+        rendered.append(sample)
+        on_sample(sample)
+        if should_stop():
+            break
+    return rendered
+
+
+BASELINE_STEP = 0  # the base model without LoRA renders into step_000000
+
+
+def render_command(
+    *,
+    checkpoint: Path | None,
+    config_path: Path,
+    process: int | str | None = None,
+    prompts_file: Path | None = None,
+    samples_dir: Path | None = None,
+    step: int | None = None,
+    baseline: bool = False,
+    overrides: dict[str, object] | None = None,
+) -> int:
+    """`sidecar render`: one checkpoint's samples (or the base model's, `--baseline`) to files.
+
+    Returns the exit code: 0 when every sample was written.
+    """
+    config = load_trainer_config(config_path, process=process)
+    settings = config.sidecar.merged(**(overrides or {}))
+    plan = build_plan(config, prompts_file=prompts_file)
+    if checkpoint is None and not baseline:
+        raise SidecarError("`sidecar render` needs a CHECKPOINT, or `--baseline` for the base model alone")
+    if baseline:
+        step = BASELINE_STEP
+    elif step is None:
+        step = checkpoint_step(checkpoint)
+    samples_dir = samples_dir or settings.output or config.default_samples_dir(checkpoint)
+    renderer = load_renderer(config, settings)
+    if not baseline:
+        renderer.apply_lora(checkpoint)
+    started = time.perf_counter()
+    rendered = render_samples(
+        renderer,
+        plan.requests,
+        samples_dir=Path(samples_dir),
+        step=step,
+        image_format=plan.image_format,
+        batch_size=plan.batch_size,
+    )
+    logger.info(
+        "rendered %d images in %.1f s into %s",
+        len(rendered),
+        time.perf_counter() - started,
+        Path(samples_dir) / f"step_{step:06d}",
+    )
+    return 0 if len(rendered) == len(plan.requests) else 1
+
+
+def checkpoint_step(path: Path) -> int:
+    """The training step of a checkpoint, from its name or its metadata."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    found = recognise(path, root=path.parent.parent) or recognise(path, root=path.parent)
+    if found is not None:
+        found = resolve_step(found)
+    if found is None or found.step is None:
+        raise CheckpointError(
+            f"{path}: cannot tell the training step from the file name or its metadata; pass `--step N`"
+        )
+    return found.step
