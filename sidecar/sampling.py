@@ -42,7 +42,14 @@ def load_renderer(config: TrainerConfig, settings: SidecarSettings | None = None
     device = resolve_device(device=settings.device, gpu=settings.gpu)
     dtype = resolve_dtype(settings.dtype, device)
     renderer = renderer_class(config.arch).from_model(
-        str(config.model.name_or_path), vae_path=config.model.vae_path, dtype=dtype
+        str(config.model.name_or_path),
+        vae_path=config.model.vae_path,
+        text_encoder_paths={
+            "clip_l_path": config.model.clip_l_path,
+            "clip_g_path": config.model.clip_g_path,
+            "t5_path": config.model.t5_path,
+        },
+        dtype=dtype,
     )
     mode = apply_memory_mode(renderer.pipe, settings.offload, device)
     logger.info(

@@ -47,6 +47,7 @@ class Renderer(ABC):
     pipeline_class: ClassVar[type[DiffusionPipeline]]
     denoiser: ClassVar[str]  # the pipeline component LoRAs mostly target: "unet" or "transformer"
     attention_kwargs: ClassVar[str]  # the `__call__` argument that carries the LoRA scale
+    text_encoder_keys: ClassVar[dict[str, str]]  # config key of a separate encoder file -> component
 
     def __init__(
         self, pipe: DiffusionPipeline, *, base_model: str, on_event: EventCallback = _no_event
@@ -68,14 +69,27 @@ class Renderer(ABC):
         model_source: str | Path,
         *,
         vae_path: str | Path | None = None,
+        text_encoder_paths: dict[str, str | Path | None] | None = None,
         dtype: torch.dtype = torch.float32,
         on_event: EventCallback = _no_event,
     ) -> Renderer:
         """Load the base pipeline once, on the CPU: a diffusers folder, a cached hub id, or a
-        single file. `sidecar.devices.apply_memory_mode` then places it on its device."""
+        single file. `sidecar.devices.apply_memory_mode` then places it on its device.
+
+        `text_encoder_paths` maps config keys (`clip_l_path`, `clip_g_path`, `t5_path`) to
+        separate text-encoder files or folders that replace the base's own.
+        """
         pipe = load_base_pipeline(cls.pipeline_class, model_source, dtype=dtype)
         if vae_path:
             pipe.vae = load_vae(vae_path, dtype=dtype)
+        for key, path in (text_encoder_paths or {}).items():
+            if not path:
+                continue
+            if key not in cls.text_encoder_keys:
+                known = ", ".join(f"`model.{name}`" for name in cls.text_encoder_keys)
+                raise ModelError(f"`model.{key}` is not used by {cls.spec.label}; it takes {known}")
+            component = cls.text_encoder_keys[key]
+            setattr(pipe, component, load_text_encoder(getattr(pipe, component), path, key=key, dtype=dtype))
         return cls(pipe, base_model=str(model_source), on_event=on_event)
 
     @property
@@ -326,3 +340,61 @@ def load_vae(source: str | Path, *, dtype: torch.dtype) -> AutoencoderKL:
         refuse_pickle(path)
         return AutoencoderKL.from_single_file(str(path), dtype=dtype, local_files_only=True)
     raise ModelError(f"`model.vae_path`: no such file or folder: {source}")
+
+
+# Prefixes under which single-file checkpoints (ComfyUI, SAI, ldm) store a text encoder.
+TEXT_ENCODER_PREFIXES = (
+    "text_encoders.clip_l.transformer.",
+    "text_encoders.clip_g.transformer.",
+    "text_encoders.t5xxl.transformer.",
+    "cond_stage_model.transformer.",
+    "conditioner.embedders.0.transformer.",
+)
+
+
+def load_text_encoder(
+    base_encoder: torch.nn.Module, source: str | Path, *, key: str, dtype: torch.dtype
+) -> torch.nn.Module:
+    """A text encoder from the file or folder `model.<key>` names, shaped like the base's.
+
+    Files as ComfyUI and the trainers keep them (`clip_l.safetensors`, `t5xxl_fp16.safetensors`)
+    hold transformers' own tensor names, sometimes under a checkpoint prefix; every tensor
+    of the encoder must be there with its shape, or the file is refused naming the first misfit.
+    """
+    from safetensors.torch import load_file
+
+    path = Path(source).expanduser()
+    encoder_class = type(base_encoder)
+    if path.is_dir():
+        return encoder_class.from_pretrained(path, dtype=dtype, local_files_only=True)
+    if not path.is_file():
+        raise ModelError(f"`model.{key}`: no such file or folder: {source}")
+    refuse_pickle(path)
+    try:
+        tensors = load_file(str(path))
+    except Exception as error:  # safetensors raises its own error type for a corrupt file
+        raise ModelError(f"`model.{key}` {path}: not a readable safetensors file ({error})") from error
+    for prefix in TEXT_ENCODER_PREFIXES:
+        if any(name.startswith(prefix) for name in tensors):
+            tensors = {
+                name.removeprefix(prefix): value for name, value in tensors.items() if name.startswith(prefix)
+            }
+            break
+    expected = base_encoder.state_dict()
+    if not any(name in expected for name in tensors):  # transformers >= 5.6 flattened CLIPTextModel
+        tensors = {name.removeprefix("text_model."): value for name, value in tensors.items()}
+    missing = sorted(name for name in expected if name not in tensors and "position_ids" not in name)
+    misshaped = sorted(
+        name for name in expected if name in tensors and tensors[name].shape != expected[name].shape
+    )
+    if missing or misshaped:
+        first = misshaped[0] if misshaped else missing[0]
+        problem = (
+            f"`{first}` has shape {tuple(tensors[first].shape)}, the base needs {tuple(expected[first].shape)}"
+            if misshaped
+            else f"{len(missing)} tensors are missing, e.g. `{first}`"
+        )
+        raise ModelError(f"`model.{key}` {path}: does not fit the base's {encoder_class.__name__}: {problem}")
+    encoder = encoder_class(base_encoder.config)
+    encoder.load_state_dict({name: tensors[name] for name in expected if name in tensors}, strict=False)
+    return encoder.to(dtype).eval()

@@ -26,6 +26,7 @@ class FluxRenderer(Renderer):
     pipeline_class = FluxPipeline
     denoiser = "transformer"
     attention_kwargs = "joint_attention_kwargs"
+    text_encoder_keys = {"clip_l_path": "text_encoder", "t5_path": "text_encoder_2"}
 
     def encode(self, prompt: str, negative_prompt: str, lora_scale: float | None) -> Embeddings:
         prompt_embeds, pooled, _text_ids = self.pipe.encode_prompt(

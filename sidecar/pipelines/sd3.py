@@ -21,6 +21,11 @@ class SD3Renderer(Renderer):
     pipeline_class = StableDiffusion3Pipeline
     denoiser = "transformer"
     attention_kwargs = "joint_attention_kwargs"
+    text_encoder_keys = {
+        "clip_l_path": "text_encoder",
+        "clip_g_path": "text_encoder_2",
+        "t5_path": "text_encoder_3",
+    }
 
     def encode(self, prompt: str, negative_prompt: str, lora_scale: float | None) -> Embeddings:
         prompt_embeds, negative_embeds, pooled, negative_pooled = self.pipe.encode_prompt(

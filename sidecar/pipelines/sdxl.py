@@ -20,6 +20,7 @@ class SDXLRenderer(Renderer):
     pipeline_class = StableDiffusionXLPipeline
     denoiser = "unet"
     attention_kwargs = "cross_attention_kwargs"
+    text_encoder_keys = {"clip_l_path": "text_encoder", "clip_g_path": "text_encoder_2"}
 
     def encode(self, prompt: str, negative_prompt: str, lora_scale: float | None) -> Embeddings:
         prompt_embeds, negative_embeds, pooled, negative_pooled = self.pipe.encode_prompt(
