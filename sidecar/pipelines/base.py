@@ -390,7 +390,8 @@ def load_text_encoder(
     if missing or misshaped:
         first = misshaped[0] if misshaped else missing[0]
         problem = (
-            f"`{first}` has shape {tuple(tensors[first].shape)}, the base needs {tuple(expected[first].shape)}"
+            f"`{first}` has shape {tuple(tensors[first].shape)}, "
+            f"the base needs {tuple(expected[first].shape)}"
             if misshaped
             else f"{len(missing)} tensors are missing, e.g. `{first}`"
         )

@@ -8,7 +8,7 @@ and doubles the cost of each step.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 from diffusers import FluxPipeline
 
@@ -26,7 +26,7 @@ class FluxRenderer(Renderer):
     pipeline_class = FluxPipeline
     denoiser = "transformer"
     attention_kwargs = "joint_attention_kwargs"
-    text_encoder_keys = {"clip_l_path": "text_encoder", "t5_path": "text_encoder_2"}
+    text_encoder_keys: ClassVar[dict[str, str]] = {"clip_l_path": "text_encoder", "t5_path": "text_encoder_2"}
 
     def encode(self, prompt: str, negative_prompt: str, lora_scale: float | None) -> Embeddings:
         prompt_embeds, pooled, _text_ids = self.pipe.encode_prompt(

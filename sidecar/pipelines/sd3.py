@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 from diffusers import StableDiffusion3Pipeline
 
@@ -21,7 +21,7 @@ class SD3Renderer(Renderer):
     pipeline_class = StableDiffusion3Pipeline
     denoiser = "transformer"
     attention_kwargs = "joint_attention_kwargs"
-    text_encoder_keys = {
+    text_encoder_keys: ClassVar[dict[str, str]] = {
         "clip_l_path": "text_encoder",
         "clip_g_path": "text_encoder_2",
         "t5_path": "text_encoder_3",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 from diffusers import StableDiffusionXLPipeline
 
@@ -20,7 +20,10 @@ class SDXLRenderer(Renderer):
     pipeline_class = StableDiffusionXLPipeline
     denoiser = "unet"
     attention_kwargs = "cross_attention_kwargs"
-    text_encoder_keys = {"clip_l_path": "text_encoder", "clip_g_path": "text_encoder_2"}
+    text_encoder_keys: ClassVar[dict[str, str]] = {
+        "clip_l_path": "text_encoder",
+        "clip_g_path": "text_encoder_2",
+    }
 
     def encode(self, prompt: str, negative_prompt: str, lora_scale: float | None) -> Embeddings:
         prompt_embeds, negative_embeds, pooled, negative_pooled = self.pipe.encode_prompt(
