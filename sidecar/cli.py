@@ -131,10 +131,31 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workdir", type=Path, default=Path("out/demo"))
     demo.add_argument("--arch", choices=("sdxl", "sd3", "flux"), default="sdxl")
 
+    grid = commands.add_parser("grid", help="one image of chosen steps x prompts, to share")
+    grid.add_argument("samples_dir", type=Path, metavar="SAMPLES_DIR")
+    grid.add_argument("--steps", type=_int_list, default=None, help="e.g. 500,1000,1500 (default: all)")
+    grid.add_argument(
+        "--prompts", type=_int_list, default=None, help="prompt indexes, e.g. 0,2 (default: all)"
+    )
+    grid.add_argument("-o", "--output", type=Path, required=True, help="the image to write (.png/.jpg/.webp)")
+    grid.add_argument(
+        "--thumb-size", type=int, default=None, help="long side of a cell in px (default: as rendered)"
+    )
+
+    gallery = commands.add_parser("gallery", help="rebuild SAMPLES_DIR/index.html")
+    gallery.add_argument("samples_dir", type=Path, metavar="SAMPLES_DIR")
+
     tiny = commands.add_parser("tiny", help="build the tiny offline models into a folder")
     tiny.add_argument("folder", type=Path)
     tiny.add_argument("--size", choices=("shallow", "deep"), default="shallow")
     return parser
+
+
+def _int_list(value: str) -> list[int]:
+    try:
+        return [int(part) for part in value.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {value!r}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -210,6 +231,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.workdir, arch=args.arch)
 
 
+def cmd_grid(args: argparse.Namespace) -> int:
+    from sidecar.grids import compare_grid
+
+    output = compare_grid(
+        args.samples_dir,
+        steps=args.steps,
+        prompts=args.prompts,
+        output=args.output,
+        thumb_size=args.thumb_size,
+    )
+    print(output)
+    return EXIT_OK
+
+
+def cmd_gallery(args: argparse.Namespace) -> int:
+    from sidecar.gallery import build_gallery
+
+    print(build_gallery(args.samples_dir))
+    return EXIT_OK
+
+
 def cmd_tiny(args: argparse.Namespace) -> int:
     from sidecar.tiny import tiny_models
 
@@ -224,5 +266,7 @@ COMMANDS = {
     "watch": cmd_watch,
     "status": cmd_status,
     "demo": cmd_demo,
+    "grid": cmd_grid,
+    "gallery": cmd_gallery,
     "tiny": cmd_tiny,
 }
