@@ -101,8 +101,8 @@ def inspect_lora(path: str | Path) -> LoraFile:
         with safe_open(str(path), framework="pt") as handle:
             keys = list(handle.keys())
             metadata = dict(handle.metadata() or {})
-    except FileNotFoundError:
-        raise
+    except FileNotFoundError as error:
+        raise CheckpointError(f"{path}: no such file (deleted or pruned before it was read)") from error
     except (SafetensorError, OSError, ValueError) as error:
         raise CheckpointError(f"{path}: not a readable safetensors file ({error})") from error
     lora_format = detect_format(keys)
@@ -182,6 +182,14 @@ def check_applied(lora: LoraFile, expected: dict[str, int], injected: dict[str, 
         raise LoraError(
             f"{lora.path}: the LoRA did not apply: 0 of {lora.module_count} LoRA modules "
             f"({lora.format} format, keys like {keys}) matched a layer of the {label} base model{hint}"
+        )
+    if lora.arch_guess and lora.arch_guess != arch:
+        # Some layer names exist in several architectures (SD 3.5 and Flux share
+        # `transformer_blocks.N.attn.to_q`): a foreign LoRA can half-apply. Never render that.
+        raise LoraError(
+            f"{lora.path}: this is a {ARCH_SPECS[lora.arch_guess].label} LoRA (keys like "
+            f"`{lora.first_keys[0]}`), but the base model is {label}; "
+            f"{sum(injected.values())} layers matched by name only"
         )
     for component, count in sorted(expected.items()):
         got = injected.get(component, 0)

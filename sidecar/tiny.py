@@ -242,9 +242,9 @@ def build_sd3(size: Size = "shallow", *, seed: int = 0):
         out_channels=16,
         num_layers=24 if deep else 2,
         attention_head_dim=8,
-        num_attention_heads=4,
+        num_attention_heads=6,  # width 48: not Flux's 32, as real SD 3.5 and Flux widths differ
         joint_attention_dim=T5_WIDTH,  # CLIP states are padded to T5's width and joined
-        caption_projection_dim=32,
+        caption_projection_dim=48,  # must equal the width
         pooled_projection_dim=2 * TEXT_WIDTH,
         pos_embed_max_size=96,
         qk_norm="rms_norm",

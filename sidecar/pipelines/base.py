@@ -10,6 +10,7 @@ always diffusers' own.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
@@ -23,7 +24,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from PIL import Image
 from transformers.utils import logging as transformers_logging
 
-from sidecar.architectures import ArchSpec
+from sidecar.architectures import ARCH_SPECS, ArchSpec
 from sidecar.errors import CheckpointError, LoraError, ModelError
 from sidecar.lora import LoraFile, LoraReport, check_applied, expected_modules, inspect_lora, refuse_pickle
 from sidecar.pipelines.schedulers import make_scheduler, sampler_spec
@@ -162,9 +163,10 @@ class Renderer(ABC):
         try:
             converted = self.pipeline_class.lora_state_dict(str(lora.path))
         except (RuntimeError, ValueError, KeyError, AssertionError, IndexError) as error:
+            self.remove_lora()  # a failed apply always leaves the base alone, never the old LoRA
             raise LoraError(
                 f"{lora.path}: diffusers cannot convert this {lora.format} LoRA for "
-                f"{self.spec.label}: {error or type(error).__name__}"
+                f"{self.spec.label}{self._arch_hint(lora)}: {_first_line(error)}"
             ) from error
         state_dict = converted[0] if isinstance(converted, tuple) else converted
         return expected_modules(state_dict)
@@ -184,19 +186,23 @@ class Renderer(ABC):
                 injected[name] = count
         return injected
 
+    def _arch_hint(self, lora: LoraFile) -> str:
+        """`(a Flux.1 LoRA)` when the key names tell another architecture, else nothing."""
+        if lora.arch_guess and lora.arch_guess != self.spec.name:
+            return f" (its key names are those of a {ARCH_SPECS[lora.arch_guess].label} LoRA)"
+        return ""
+
     def _load_error_message(self, lora: LoraFile, error: Exception) -> str:
-        text = str(error).strip().splitlines()
-        first = text[0] if text else type(error).__name__
-        mismatch = [line.strip() for line in text if "size mismatch" in line][:2]
+        mismatch = [line.strip() for line in str(error).splitlines() if "size mismatch" in line][:2]
         if mismatch:
-            hint = ""
-            if lora.arch_guess and lora.arch_guess != self.spec.name:
-                hint = f" (its key names are those of a {lora.arch_guess} LoRA)"
             return (
-                f"{lora.path}: LoRA shapes do not match the {self.spec.label} base model{hint}: "
-                + "; ".join(mismatch)
+                f"{lora.path}: LoRA shapes do not match the {self.spec.label} base model"
+                f"{self._arch_hint(lora)}: " + "; ".join(mismatch)
             )
-        return f"{lora.path}: diffusers could not load this {lora.format} LoRA on {self.spec.label}: {first}"
+        return (
+            f"{lora.path}: diffusers could not load this {lora.format} LoRA on {self.spec.label}"
+            f"{self._arch_hint(lora)}: {_first_line(error)}"
+        )
 
     # -- rendering -----------------------------------------------------------------------
 
@@ -214,7 +220,7 @@ class Renderer(ABC):
                 # This scheduler draws its step noise from torch's global generator: one
                 # image per call, the global generator seeded from the request.
                 for request in batch:
-                    torch.manual_seed(request.seed)
+                    torch.manual_seed(step_noise_seed(request.seed))
                     yield from self._render_batch([request])
             else:
                 yield from self._render_batch(batch)
@@ -270,6 +276,23 @@ class Renderer(ABC):
         self.pipe = None  # type: ignore[assignment]
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def _first_line(error: Exception, *, limit: int = 300) -> str:
+    """An exception's first line, cut short: diffusers' messages can list every key of a file."""
+    lines = str(error).strip().splitlines()
+    text = lines[0] if lines else type(error).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def step_noise_seed(seed: int) -> int:
+    """The global-RNG seed for schedulers that draw step noise from it (flow `euler_a`).
+
+    Derived, not the request's seed itself: with the same seed the first step's noise
+    would be the initial latents again, and the ancestral step would equal plain Euler.
+    """
+    digest = hashlib.sha256(f"sidecar-step-noise:{seed}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
 
 
 def plan_batches(requests: Sequence[SampleRequest], *, batch_size: int) -> list[list[SampleRequest]]:

@@ -1,0 +1,74 @@
+"""Shared pytest fixtures. Each block says which tests own it; append new blocks below."""
+
+from __future__ import annotations
+
+# ---------------------------------------------------------------------------------
+# Tiny models and LoRA files (owned by test_tiny.py, test_lora.py, test_pipelines.py).
+# Each model is built once per test session; each LoRA file is written once.
+# ---------------------------------------------------------------------------------
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def quiet_diffusers() -> None:
+    """diffusers and transformers log a line (and a progress bar) per component loaded."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+@pytest.fixture(scope="session")
+def single_threaded_torch():
+    """One intra-op thread while the tiny models render, restored afterwards.
+
+    Their matrices are too small to gain from threads, and on a shared 2-core runner
+    OpenMP's spin-waiting made a 2-step SDXL render take 0.03 s to 8 s at random.
+    Results stay comparable: references are computed in the same process.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory, quiet_diffusers, single_threaded_torch) -> dict[str, Path]:
+    """`{arch: folder}`: the shallow tiny SDXL, SD 3.5 and Flux models, saved as diffusers folders."""
+    from sidecar.tiny import save_tiny_model
+
+    root = tmp_path_factory.mktemp("tiny-models")
+    return {arch: save_tiny_model(arch, root / f"tiny-{arch}") for arch in ("sdxl", "sd3", "flux")}
+
+
+@pytest.fixture(scope="session")
+def tiny_lora(tmp_path_factory, tiny_models) -> Callable[..., Path]:
+    """`tiny_lora(arch, lora_format="peft", **write_lora_options) -> Path`, each file written once.
+
+    The options are those of `sidecar.tiny.write_lora` (rank, alpha, seed, scale, text_encoder,
+    metadata); equal arguments give the same file.
+    """
+    from sidecar.tiny import write_lora
+
+    root = tmp_path_factory.mktemp("tiny-loras")
+    written: dict[tuple, Path] = {}
+
+    def make(arch: str, lora_format: str = "peft", **options) -> Path:
+        key = (arch, lora_format, *sorted((name, repr(value)) for name, value in options.items()))
+        if key not in written:
+            path = root / f"{arch}-{lora_format}-{len(written)}.safetensors"
+            written[key] = write_lora(tiny_models[arch], arch, path, lora_format=lora_format, **options)
+        return written[key]
+
+    return make
+
+
+# --- end of the tiny-model block ---------------------------------------------------
