@@ -228,7 +228,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from sidecar.demo import run_demo
 
-    return run_demo(args.workdir, arch=args.arch)
+    result = run_demo(args.workdir, arch=args.arch)
+    print(result.summary())
+    return result.exit_code
 
 
 def cmd_grid(args: argparse.Namespace) -> int:
