@@ -317,7 +317,7 @@ def test_check_applied_raises_when_another_architectures_lora_half_applies():
         arch_guess="flux", first_keys=("transformer.single_transformer_blocks.0.attn.to_q.lora_A.weight",)
     )
     with pytest.raises(
-        LoraError, match="this is a Flux.1 LoRA .* but the base model is Stable Diffusion 3.5; 4 layers"
+        LoraError, match=r"this is a Flux\.1 LoRA .* but the base model is Stable Diffusion 3\.5; 4 layers"
     ):
         check_applied(lora, {"transformer": 7}, {"transformer": 4}, arch="sd3")
 
