@@ -120,6 +120,27 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("--pattern", default=None, help="checkpoint file-name regex with a `step` group")
     watch.add_argument("--polling", action="store_true", help="poll instead of inotify (network filesystems)")
     watch.add_argument("--once", action="store_true", help="render what is there, then exit")
+    watch.add_argument(
+        "--share-gpu",
+        type=int,
+        default=None,
+        metavar="N",
+        help="one-GPU box: render on cuda:N only while no other process uses it (NVML)",
+    )
+    watch.add_argument(
+        "--slot-file",
+        type=Path,
+        default=None,
+        help="render only while this file exists (or is absent, or its lock is free: --slot-file-mode)",
+    )
+    watch.add_argument("--slot-file-mode", choices=("exists", "absent", "lock"), default="exists")
+    watch.add_argument(
+        "--tensorboard",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="also write each sample as a TensorBoard image at its step",
+    )
 
     status = commands.add_parser("status", help="the queue, the last rendered step and the failures")
     status.add_argument("output_dir", type=Path, metavar="OUTPUT_DIR")
@@ -203,6 +224,8 @@ def cmd_render(args: argparse.Namespace) -> int:
 def cmd_watch(args: argparse.Namespace) -> int:
     from sidecar.daemon import DaemonSettings, run_daemon
 
+    if args.share_gpu is not None and args.gpu is not None and args.gpu != args.share_gpu:
+        raise SidecarError(f"`--gpu {args.gpu}` and `--share-gpu {args.share_gpu}` name different cards")
     settings = DaemonSettings(
         output_dir=args.output_dir,
         config_path=args.config,
@@ -212,8 +235,14 @@ def cmd_watch(args: argparse.Namespace) -> int:
         device=f"cuda:{args.gpu}" if args.gpu is not None else args.device,
         backlog=args.backlog,
         pattern=args.pattern,
+        dtype=args.dtype,
+        offload=args.offload,
         use_polling_observer=args.polling,
         once=args.once,
+        share_gpu=args.share_gpu,
+        slot_file=args.slot_file,
+        slot_file_mode=args.slot_file_mode,
+        tensorboard=args.tensorboard,
     )
     return run_daemon(settings)
 

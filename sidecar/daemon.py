@@ -74,6 +74,9 @@ from sidecar.errors import SidecarError, TransientError
 from sidecar.jobs import CheckpointJob, ClaimedCheckpoint, JobStore
 from sidecar.output import remove_stale_temp_files
 from sidecar.prompts import SamplePlan, build_plan
+from sidecar.publish import publish_step
+from sidecar.slots import SlotGate, build_probe
+from sidecar.tensorboard import TensorBoardSink
 from sidecar.watcher import CheckpointWatcher, FileEvent, scan_tree
 
 try:
@@ -121,9 +124,13 @@ class DaemonSettings:
     use_polling_observer: bool = False
     once: bool = False  # exit when nothing is left to do after the startup scan
     stop_after: int | None = None  # exit after rendering this many checkpoints
+    share_gpu: int | None = None  # one-GPU box: render on cuda:N only in the trainer's free slots
+    slot_file: Path | None = None  # a file the trainer's hooks drive (see sidecar.slots.FileProbe)
+    slot_file_mode: str = "exists"  # exists | absent | lock
+    tensorboard: Path | None = None  # write samples as TensorBoard images into this folder
 
     def __post_init__(self) -> None:
-        for name in ("output_dir", "config_path", "prompts_file", "samples_dir"):
+        for name in ("output_dir", "config_path", "prompts_file", "samples_dir", "slot_file", "tensorboard"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, Path):
                 object.__setattr__(self, name, Path(value))
@@ -248,6 +255,7 @@ class Worker:
         self.pattern = pattern
         self.renderer_factory = renderer_factory
         self.slot_gate: SlotGateLike = slot_gate or AlwaysOpenGate()
+        self.tensorboard: TensorBoardSink | None = None  # set by run_daemon with --tensorboard
         self.clock = clock
         self.tracker = ReadinessTracker(
             settle_seconds=settings.settle_seconds, abandon_seconds=settings.abandon_seconds
@@ -542,6 +550,7 @@ class Worker:
         gate = self.slot_gate.wait_state(now)
         if not gate.is_open:
             self._set_state(f"waiting for a slot: {gate.reason}")
+            self._park()
             return False
         if self.renderer is None:
             if not self.store.queue():
@@ -555,8 +564,17 @@ class Worker:
         if claimed is None:
             self._set_state("idle")
             return False
+        placement = getattr(self.renderer, "placement", None)
+        if placement is not None:
+            placement.unpark(self.renderer.pipe)
         self._render(claimed, now)
         return True
+
+    def _park(self) -> None:
+        """The slot closed: hold no VRAM until it opens again (a no-op on the CPU)."""
+        placement = getattr(self.renderer, "placement", None)
+        if placement is not None:
+            placement.park(self.renderer.pipe)
 
     def _should_pause(self) -> bool:
         """Asked after every image: take in new checkpoints, then stop for a signal or a closed slot."""
@@ -622,6 +640,7 @@ class Worker:
         if finished.state == "done":
             self.rendered_checkpoints += 1
             logger.info("rendered %s image(s) of step %s in %.1f s", done, step, seconds)
+            self._publish(step)
         elif finished.state == "failed":
             self.failed_checkpoints += 1
             logger.warning("step %s failed: %s", step, finished.error)
@@ -631,6 +650,13 @@ class Worker:
             )
         if finished.state in ("done", "failed") and job.content_hash:
             self._drop_copy(job.content_hash)
+
+    def _publish(self, step: int) -> None:
+        """Step grid, gallery, TensorBoard: views of files already on disk; their failure fails no job."""
+        try:
+            publish_step(self.samples_dir, step, self.plan.requests, tensorboard=self.tensorboard)
+        except (OSError, SidecarError) as error:
+            logger.warning("step %s: grid / gallery / TensorBoard not updated: %s", step, error)
 
     def _hold_slot(self, stack: contextlib.ExitStack) -> None:
         """Enter the gate's `hold()` where it has one (a lock shared with the trainer)."""
@@ -751,10 +777,34 @@ def _default_renderer_factory(settings: DaemonSettings) -> RendererFactory:
     def load(config: TrainerConfig) -> Any:
         from sidecar.sampling import load_renderer
 
-        overrides = {"device": settings.device, "dtype": settings.dtype, "offload": settings.offload}
+        overrides = {
+            "device": settings.device,
+            "gpu": settings.share_gpu if settings.device is None else None,  # a shared card is the one used
+            "dtype": settings.dtype,
+            "offload": settings.offload,
+        }
         return load_renderer(config, config.sidecar.merged(**overrides))
 
     return load
+
+
+def build_slot_gate(settings: DaemonSettings) -> SlotGateLike:
+    """The gate `--share-gpu` / `--slot-file` ask for; always open on a card of its own."""
+    if settings.share_gpu is None and settings.slot_file is None:
+        return AlwaysOpenGate()
+    cuda_uuid = None
+    if settings.share_gpu is not None:
+        import torch
+
+        if torch.cuda.is_available() and settings.share_gpu < torch.cuda.device_count():
+            cuda_uuid = str(torch.cuda.get_device_properties(settings.share_gpu).uuid)
+    probe = build_probe(
+        share_gpu=settings.share_gpu,
+        slot_file=settings.slot_file,
+        slot_file_mode=settings.slot_file_mode,  # type: ignore[arg-type]
+        cuda_uuid=cuda_uuid,
+    )
+    return SlotGate(probe)
 
 
 def _sleep(seconds: float, worker: Worker) -> None:
@@ -794,6 +844,8 @@ def run_daemon(
     if not output_dir.is_dir():
         logger.info("%s does not exist yet; creating it, as the trainer would", output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
+    if slot_gate is None:
+        slot_gate = build_slot_gate(settings)
     folder = state_dir(samples_dir)
     events: queue.Queue[FileEvent] = queue.Queue()
     with _daemon_lock(folder):
@@ -811,6 +863,8 @@ def run_daemon(
                 renderer_factory=renderer_factory or _default_renderer_factory(settings),
                 slot_gate=slot_gate,
             )
+            if settings.tensorboard is not None:
+                worker.tensorboard = TensorBoardSink(settings.tensorboard)
             if worker_ready is not None:
                 worker_ready(worker)
             logger.info(
@@ -840,6 +894,8 @@ def run_daemon(
             finally:
                 watcher.stop()
                 worker.close()
+                if worker.tensorboard is not None:
+                    worker.tensorboard.close()
     if worker.stop_requested:
         logger.info("stopped cleanly")
     if settings.once and worker.failed_checkpoints:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -442,3 +443,48 @@ def allocated_bytes(device: torch.device) -> int:
     """Bytes torch holds in tensors on `device` now (0 off CUDA)."""
     device = torch.device(device)
     return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+
+
+@dataclass
+class Placement:
+    """Where a renderer's pipeline lives, and in which memory mode.
+
+    The two things that move a loaded pipeline go through here: the OOM fallback
+    (`step_down`, a stronger mode kept for later checkpoints) and GPU sharing
+    (`park` between renders, `unpark` when a slot opens).
+    """
+
+    device: torch.device
+    policy: MemoryPolicy
+    parked: bool = False
+
+    @property
+    def mode(self) -> MemoryMode:
+        return self.policy.mode
+
+    def park(self, pipe: Any) -> None:
+        """Weights to CPU RAM, CUDA cache emptied; no-op when already parked or on the CPU."""
+        if self.parked or self.device.type != "cuda":
+            return
+        park(pipe, self.device)
+        self.parked = True
+        logger.info("released %s: pipeline parked in CPU RAM until the next slot", self.device)
+
+    def unpark(self, pipe: Any) -> None:
+        """Back on the device in the mode it had before parking."""
+        if not self.parked:
+            return
+        unpark(pipe, self.device, self.policy.mode)
+        self.parked = False
+
+    def step_down(self, pipe: Any) -> bool:
+        """After a CUDA OOM: free the cache and re-place the pipeline in the next stronger mode.
+
+        Returns False when no stronger mode is left (the caller gives the image up).
+        """
+        free_cuda_cache(self.device)
+        mode = self.policy.on_oom()
+        if mode is None:
+            return False
+        apply_memory_mode(pipe, mode, self.device)
+        return True

@@ -40,7 +40,22 @@ class ConfigError(SidecarError):
 
 
 class ModelError(SidecarError):
-    """The base model cannot be found or loaded (names the file and the config key)."""
+    """The base model cannot be found or loaded: names the file and the config key.
+
+    `key` is the `model:` key that points to the file (`name_or_path`, `vae_path`...);
+    the caller that knows the config puts its `file:line yaml.path:` in front (`located`).
+    """
+
+    def __init__(self, detail: str, *, key: str) -> None:
+        self.detail = detail
+        self.key = key
+        super().__init__(f"`model.{key}` {detail}")
+
+    def located(self, where: str) -> ModelError:
+        """The same error, located: `where` is e.g. `train.yaml:9 config.process[0].model.vae_path:`."""
+        error = ModelError(self.detail, key=self.key)
+        error.args = (f"{where} {self.detail}",)
+        return error
 
 
 class CheckpointError(SidecarError):

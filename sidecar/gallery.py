@@ -29,7 +29,7 @@ from urllib.parse import quote
 
 from PIL import Image
 
-from sidecar.output import TEMP_SUFFIX, _atomic_write, read_infotext
+from sidecar.output import TEMP_SUFFIX, atomic_write, read_infotext
 
 logger = logging.getLogger("sidecar.gallery")
 
@@ -201,7 +201,7 @@ def ensure_thumbnail(samples_dir: Path, image: Path) -> Path:
 
 
 def _replace_file(path: Path, data: bytes) -> None:
-    """Temp file + `os.replace`, without `output._atomic_write`'s fsyncs: a thumbnail is a cache
+    """Temp file + `os.replace`, without `output.atomic_write`'s fsyncs: a thumbnail is a cache
     (a thousand fsyncs would make the first build slow), and one lost to a crash is made again."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = path.with_name(f".{path.name}.{secrets.token_hex(6)}{TEMP_SUFFIX}")
@@ -386,6 +386,6 @@ def build_gallery(samples_dir: Path, *, title: str | None = None) -> Path:
     )
     index_path = samples_dir / INDEX_NAME
     data = page.encode("utf-8")
-    _atomic_write(index_path, lambda handle: handle.write(data))
+    atomic_write(index_path, lambda handle: handle.write(data))
     logger.info("gallery: %d prompt(s) x %d step(s) in %s", len(infos), len(samples), index_path)
     return index_path

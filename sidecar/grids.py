@@ -25,7 +25,7 @@ from sidecar.gallery import (
     read_sample_info,
     step_label,
 )
-from sidecar.output import _atomic_write, step_dir
+from sidecar.output import atomic_write, step_dir
 from sidecar.prompts import SampleRequest
 
 logger = logging.getLogger("sidecar.grids")
@@ -160,7 +160,7 @@ def _save(image: Image.Image, output: Path) -> Path:
     buffer = io.BytesIO()
     image.save(buffer, format=pil_format, **({"quality": 92} if pil_format != "PNG" else {}))
     data = buffer.getvalue()
-    _atomic_write(output, lambda handle: handle.write(data))
+    atomic_write(output, lambda handle: handle.write(data))
     return output
 
 

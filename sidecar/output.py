@@ -198,7 +198,7 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     """Write `path` through a temp file in its folder, then `os.replace` it into place.
 
     The temp file is opened with `x` (not `mkstemp`) so it gets the usual umask permissions
@@ -264,8 +264,8 @@ def write_sample(
     paths = sample_paths(samples_dir, step, request.index, key)
     text = infotext(request, base_model=base_model, lora_name=lora_name, step=step, arch=arch)
     prompt_bytes = (request.prompt + "\n").encode("utf-8")
-    _atomic_write(paths.text, lambda handle: handle.write(prompt_bytes))
-    _atomic_write(paths.image, _encode_image(image, IMAGE_FORMATS[key][0], text))
+    atomic_write(paths.text, lambda handle: handle.write(prompt_bytes))
+    atomic_write(paths.image, _encode_image(image, IMAGE_FORMATS[key][0], text))
     logger.debug("wrote %s", paths.image)
     return paths
 

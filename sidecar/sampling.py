@@ -9,17 +9,27 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from sidecar.checkpoints import recognise, resolve_step
 from sidecar.config import SidecarSettings, TrainerConfig, load_trainer_config
-from sidecar.devices import apply_memory_mode, resolve_device, resolve_dtype
-from sidecar.errors import CheckpointError, SidecarError
+from sidecar.devices import (
+    MemoryPolicy,
+    Placement,
+    apply_memory_mode,
+    is_cuda_oom,
+    resolve_device,
+    resolve_dtype,
+)
+from sidecar.errors import CheckpointError, ModelError, SidecarError, TransientError
 from sidecar.output import SamplePaths, write_sample
 from sidecar.pipelines import Renderer, renderer_class
 from sidecar.prompts import SampleRequest, build_plan
+from sidecar.publish import publish_step
 
 logger = logging.getLogger("sidecar.render")
 
@@ -41,17 +51,12 @@ def load_renderer(config: TrainerConfig, settings: SidecarSettings | None = None
     settings = settings or config.sidecar
     device = resolve_device(device=settings.device, gpu=settings.gpu)
     dtype = resolve_dtype(settings.dtype, device)
-    renderer = renderer_class(config.arch).from_model(
-        str(config.model.name_or_path),
-        vae_path=config.model.vae_path,
-        text_encoder_paths={
-            "clip_l_path": config.model.clip_l_path,
-            "clip_g_path": config.model.clip_g_path,
-            "t5_path": config.model.t5_path,
-        },
-        dtype=dtype,
-    )
+    try:
+        renderer = _load_base(config, dtype)
+    except ModelError as error:
+        raise error.located(config.where(f"model.{error.key}")) from error
     mode = apply_memory_mode(renderer.pipe, settings.offload, device)
+    renderer.placement = Placement(device=device, policy=MemoryPolicy(mode))
     logger.info(
         "loaded %s base %s on %s (%s, offload=%s)",
         renderer.spec.label,
@@ -61,6 +66,19 @@ def load_renderer(config: TrainerConfig, settings: SidecarSettings | None = None
         mode,
     )
     return renderer
+
+
+def _load_base(config: TrainerConfig, dtype: torch.dtype) -> Renderer:
+    return renderer_class(config.arch).from_model(
+        str(config.model.name_or_path),
+        vae_path=config.model.vae_path,
+        text_encoder_paths={
+            "clip_l_path": config.model.clip_l_path,
+            "clip_g_path": config.model.clip_g_path,
+            "t5_path": config.model.t5_path,
+        },
+        dtype=dtype,
+    )
 
 
 def render_samples(
@@ -78,9 +96,49 @@ def render_samples(
 
     `should_stop` is asked after every image; when it says so, the images written
     so far are kept and the rest are left for later (the job store knows which).
+    A CUDA out-of-memory error re-places the pipeline in the next stronger memory
+    mode (kept for later checkpoints) and renders what is left; with no stronger mode
+    left it is a `TransientError`.
     """
-    lora_name = renderer.lora.path.name if renderer.lora is not None else None
     rendered: list[RenderedSample] = []
+    remaining = list(requests)
+    while remaining:
+        try:
+            for sample in _render_and_write(
+                renderer,
+                remaining,
+                samples_dir=samples_dir,
+                step=step,
+                image_format=image_format,
+                batch_size=batch_size,
+            ):
+                rendered.append(sample)
+                remaining.remove(sample.request)
+                on_sample(sample)
+                if should_stop():
+                    return rendered
+        except Exception as error:
+            placement = renderer.placement
+            if not is_cuda_oom(error) or placement is None:
+                raise
+            if not placement.step_down(renderer.pipe):
+                raise TransientError(
+                    f"CUDA out of memory on {placement.device} even with offload={placement.mode}"
+                ) from error
+    return rendered
+
+
+def _render_and_write(
+    renderer: Renderer,
+    requests: Sequence[SampleRequest],
+    *,
+    samples_dir: Path,
+    step: int,
+    image_format: str,
+    batch_size: int,
+) -> Iterator[RenderedSample]:
+    """Each image written atomically as soon as the renderer gives it."""
+    lora_name = renderer.lora.path.name if renderer.lora is not None else None
     started = time.perf_counter()
     for request, image in renderer.render(requests, batch_size=batch_size):
         paths = write_sample(
@@ -94,13 +152,8 @@ def render_samples(
             arch=renderer.spec.name,
         )
         now = time.perf_counter()
-        sample = RenderedSample(request=request, paths=paths, seconds=now - started)
+        yield RenderedSample(request=request, paths=paths, seconds=now - started)
         started = now
-        rendered.append(sample)
-        on_sample(sample)
-        if should_stop():
-            break
-    return rendered
 
 
 BASELINE_STEP = 0  # the base model without LoRA renders into step_000000
@@ -143,6 +196,7 @@ def render_command(
         image_format=plan.image_format,
         batch_size=plan.batch_size,
     )
+    publish_step(Path(samples_dir), step, plan.requests)
     logger.info(
         "rendered %d images in %.1f s into %s",
         len(rendered),

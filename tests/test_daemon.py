@@ -187,7 +187,7 @@ class Rig:
         return {job.step: job for job in self.store.checkpoints()}
 
     def images(self, step: int) -> list[Path]:
-        return sorted((self.samples_dir / f"step_{step:06d}").glob("*.png"))
+        return sorted((self.samples_dir / f"step_{step:06d}").glob("sample_*.png"))
 
 
 @pytest.fixture

@@ -147,7 +147,7 @@ class Run:
             return [sample for job in store.checkpoints() for sample in store.samples(job.id)]
 
     def images(self, step: int) -> list[Path]:
-        return sorted((self.samples_dir / f"step_{step:06d}").glob("*.png"))
+        return sorted((self.samples_dir / f"step_{step:06d}").glob("sample_*.png"))
 
     def temp_files(self) -> list[Path]:
         return [p for p in self.samples_dir.rglob("*") if p.name.endswith((".tmp", ".partial"))]

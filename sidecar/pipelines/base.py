@@ -25,6 +25,7 @@ from PIL import Image
 from transformers.utils import logging as transformers_logging
 
 from sidecar.architectures import ARCH_SPECS, ArchSpec
+from sidecar.devices import Placement
 from sidecar.errors import CheckpointError, LoraError, ModelError
 from sidecar.lora import LoraFile, LoraReport, check_applied, expected_modules, inspect_lora, refuse_pickle
 from sidecar.pipelines.schedulers import make_scheduler, sampler_spec
@@ -58,6 +59,7 @@ class Renderer(ABC):
         self.on_event = on_event
         self.base_scheduler_config = dict(pipe.scheduler.config)
         self.lora: LoraFile | None = None
+        self.placement: Placement | None = None  # set when placed on a device (sampling.load_renderer)
         self._lora_generation = 0  # bumps on every swap; keys text-encoder-LoRA embeddings
         self._embeddings: dict[tuple, Embeddings] = {}
         pipe.set_progress_bar_config(disable=True)
@@ -88,7 +90,7 @@ class Renderer(ABC):
                 continue
             if key not in cls.text_encoder_keys:
                 known = ", ".join(f"`model.{name}`" for name in cls.text_encoder_keys)
-                raise ModelError(f"`model.{key}` is not used by {cls.spec.label}; it takes {known}")
+                raise ModelError(f"is not used by {cls.spec.label}; it takes {known}", key=key)
             component = cls.text_encoder_keys[key]
             setattr(pipe, component, load_text_encoder(getattr(pipe, component), path, key=key, dtype=dtype))
         return cls(pipe, base_model=str(model_source), on_event=on_event)
@@ -335,23 +337,25 @@ def load_base_pipeline(
         if path.is_dir():
             if not (path / "model_index.json").is_file():
                 raise ModelError(
-                    f"`model.name_or_path` {path} is a folder without model_index.json; "
-                    "point it at a diffusers model folder or a single .safetensors file"
+                    f"{path} is a folder without model_index.json; "
+                    "point it at a diffusers model folder or a single .safetensors file",
+                    key="name_or_path",
                 )
             return pipeline_class.from_pretrained(path, dtype=dtype, local_files_only=True)
         if path.is_file():
             refuse_pickle(path)
             return pipeline_class.from_single_file(str(path), dtype=dtype, local_files_only=True)
         if path.is_absolute() or str(source).startswith((".", "~")) or str(source).count("/") != 1:
-            raise ModelError(f"`model.name_or_path`: no such file or folder: {source}")
+            raise ModelError(f"no such file or folder: {source}", key="name_or_path")
         return pipeline_class.from_pretrained(str(source), dtype=dtype, local_files_only=True)
     except OSError as error:
         raise ModelError(
-            f"`model.name_or_path` {source}: cannot load it offline ({str(error).splitlines()[0]}); "
-            "sidecar never downloads: use a local folder or file, or a hub id already in the cache"
+            f"{source}: cannot load it offline ({str(error).splitlines()[0]}); "
+            "sidecar never downloads: use a local folder or file, or a hub id already in the cache",
+            key="name_or_path",
         ) from error
     except CheckpointError as error:
-        raise ModelError(f"`model.name_or_path`: {error}") from error
+        raise ModelError(str(error), key="name_or_path") from error
 
 
 def load_vae(source: str | Path, *, dtype: torch.dtype) -> AutoencoderKL:
@@ -362,7 +366,7 @@ def load_vae(source: str | Path, *, dtype: torch.dtype) -> AutoencoderKL:
     if path.is_file():
         refuse_pickle(path)
         return AutoencoderKL.from_single_file(str(path), dtype=dtype, local_files_only=True)
-    raise ModelError(f"`model.vae_path`: no such file or folder: {source}")
+    raise ModelError(f"no such file or folder: {source}", key="vae_path")
 
 
 # Prefixes under which single-file checkpoints (ComfyUI, SAI, ldm) store a text encoder.
@@ -391,12 +395,12 @@ def load_text_encoder(
     if path.is_dir():
         return encoder_class.from_pretrained(path, dtype=dtype, local_files_only=True)
     if not path.is_file():
-        raise ModelError(f"`model.{key}`: no such file or folder: {source}")
+        raise ModelError(f"no such file or folder: {source}", key=key)
     refuse_pickle(path)
     try:
         tensors = load_file(str(path))
     except Exception as error:  # safetensors raises its own error type for a corrupt file
-        raise ModelError(f"`model.{key}` {path}: not a readable safetensors file ({error})") from error
+        raise ModelError(f"{path}: not a readable safetensors file ({error})", key=key) from error
     for prefix in TEXT_ENCODER_PREFIXES:
         if any(name.startswith(prefix) for name in tensors):
             tensors = {
@@ -418,7 +422,7 @@ def load_text_encoder(
             if misshaped
             else f"{len(missing)} tensors are missing, e.g. `{first}`"
         )
-        raise ModelError(f"`model.{key}` {path}: does not fit the base's {encoder_class.__name__}: {problem}")
+        raise ModelError(f"{path}: does not fit the base's {encoder_class.__name__}: {problem}", key=key)
     encoder = encoder_class(base_encoder.config)
     encoder.load_state_dict({name: tensors[name] for name in expected if name in tensors}, strict=False)
     return encoder.to(dtype).eval()
