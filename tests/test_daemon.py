@@ -600,7 +600,7 @@ def test_a_base_model_that_does_not_load_stops_the_daemon(make_rig) -> None:
     )
 
     def no_model(config) -> None:
-        raise ModelError("`model.name_or_path` /nowhere: no such file or folder")
+        raise ModelError("/nowhere: no such file or folder", key="name_or_path")
 
     with pytest.raises(ModelError, match="nowhere"):
         run_daemon(settings, renderer_factory=no_model)
