@@ -619,3 +619,35 @@ def test_the_demo_renders_every_checkpoint_of_a_simulated_training_run(tmp_path:
     assert [folder.name for folder in result.step_dirs] == ["step_000100", "step_000200", "step_000300"]
     assert result.images == 9
     assert str(result.samples_dir) in result.summary()
+
+
+def test_a_closed_slot_parks_the_pipeline_and_the_next_render_unparks_it(make_rig, monkeypatch) -> None:
+    """One-GPU sharing: no VRAM held while the trainer has the card (cuda faked by recording)."""
+    import torch
+
+    from sidecar import devices
+
+    moves: list[str] = []
+    monkeypatch.setattr(devices, "park", lambda pipe, device=None: moves.append("park"))
+    monkeypatch.setattr(devices, "unpark", lambda pipe, device, mode: moves.append(f"unpark:{mode}"))
+    rig = make_rig()
+    rig.renderer.placement = devices.Placement(
+        device=torch.device("cuda", 0), policy=devices.MemoryPolicy("model")
+    )
+    rig.lora(f"{NAME}_000000100.safetensors", step=100)
+    rig.scan()
+    rig.run(0.0, 1.5)
+    assert rig.jobs()[100].state == "done" and moves == []  # on the card from the start: nothing to undo
+
+    rig.gate.is_open = False
+    rig.run(3.0, 4.0)
+    assert moves == ["park"]  # parked once, not once per idle iteration
+
+    rig.lora(f"{NAME}_000000200.safetensors", step=200)
+    rig.scan()
+    rig.run(5.0, 6.5)
+    assert 200 not in rig.jobs() or rig.jobs()[200].state == "pending"
+    rig.gate.is_open = True
+    rig.run(7.0, 8.0)
+    assert rig.jobs()[200].state == "done"
+    assert moves == ["park", "unpark:model"]
