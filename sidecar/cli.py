@@ -19,6 +19,7 @@ from sidecar.errors import SidecarError
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
+LOG_HANDLER_NAME = "sidecar-cli"
 
 
 class JsonLogFormatter(logging.Formatter):
@@ -45,8 +46,11 @@ def setup_logging(*, verbose: bool = False, log_format: str = "plain") -> None:
         handler.setFormatter(
             logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S")
         )
+    handler.set_name(LOG_HANDLER_NAME)
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    for old in [h for h in root.handlers if h.get_name() == LOG_HANDLER_NAME]:
+        root.removeHandler(old)  # called again (tests): replace ours, keep anyone else's
+    root.addHandler(handler)
     root.setLevel(logging.WARNING)
     logging.getLogger("sidecar").setLevel(logging.DEBUG if verbose else logging.INFO)
     quiet_libraries()

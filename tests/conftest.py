@@ -24,7 +24,7 @@ def quiet_diffusers() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def single_threaded_torch():
     """One intra-op thread while the tiny models render, restored afterwards.
 
@@ -69,6 +69,12 @@ def tiny_lora(tmp_path_factory, tiny_models) -> Callable[..., Path]:
         return written[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tiny_models) -> Path:
+    """The shallow tiny SDXL folder (the daemon and fault tests render with it)."""
+    return tiny_models["sdxl"]
 
 
 # --- end of the tiny-model block ---------------------------------------------------

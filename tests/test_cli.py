@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.cli import EXIT_BAD_INPUT, EXIT_OK, main
+from sidecar.cli import EXIT_BAD_INPUT, EXIT_OK, LOG_HANDLER_NAME, main
 
 FIXTURES = Path(__file__).parent / "fixtures" / "configs"
 FIXTURE_CONFIGS = sorted(FIXTURES.glob("*.yaml"))
@@ -18,12 +18,14 @@ FIXTURE_CONFIGS = sorted(FIXTURES.glob("*.yaml"))
 
 @pytest.fixture(autouse=True)
 def restore_logging():
-    """`main` installs its own handler on the root logger; give pytest's back afterwards."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
+    """`main` adds its own handler to the root logger and sets levels; undo both afterwards."""
+    root, ours = logging.getLogger(), logging.getLogger("sidecar")
+    root_level, our_level = root.level, ours.level
     yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
+    for handler in [h for h in root.handlers if h.get_name() == LOG_HANDLER_NAME]:
+        root.removeHandler(handler)
+    root.setLevel(root_level)
+    ours.setLevel(our_level)
 
 
 @pytest.mark.parametrize("config", FIXTURE_CONFIGS, ids=[path.stem for path in FIXTURE_CONFIGS])

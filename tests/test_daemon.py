@@ -41,23 +41,6 @@ PROMPTS = ("a photo of [trigger]", "[trigger] in the snow")
 NAME = "demo_lora"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """Tiny models gain nothing from a second thread, and on a busy machine OpenMP threads
-    spinning for each other cost far more than they give."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny_sdxl(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_tiny_model("sdxl", tmp_path_factory.mktemp("models") / "tiny-sdxl")
-
-
 @pytest.fixture(scope="module")
 def base_renderer(tiny_sdxl: Path):
     """One tiny SDXL renderer for the module, as the daemon holds one per process."""

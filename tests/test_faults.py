@@ -18,7 +18,7 @@ import tempfile
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -43,23 +43,6 @@ PROMPTS = ("a photo of [trigger]", "[trigger] in the snow")
 SETTLE_SECONDS = 0.3
 RUN_LIMIT_SECONDS = 120.0  # a daemon still running after this is stopped and the test fails
 SUBPROCESS_START_SECONDS = 120.0  # a fresh interpreter imports torch and diffusers first
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """Tiny models gain nothing from a second thread, and on a busy machine OpenMP threads
-    spinning for each other cost far more than they give."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny_sdxl(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_tiny_model("sdxl", tmp_path_factory.mktemp("models") / "tiny-sdxl")
 
 
 @pytest.fixture(scope="module")
@@ -303,6 +286,7 @@ def test_kill_9_mid_render_then_restart_renders_every_sample_exactly_once(
         assert sorted(p.name for p in folder.iterdir()) == sorted(
             [f"sample_{i:02d}.png" for i in range(len(prompts))]
             + [f"sample_{i:02d}.txt" for i in range(len(prompts))]
+            + ["grid.png"]  # the step's contact sheet, once all its samples are on disk
         )
     # a sample marked done before the kill was not rendered again
     assert {path: Path(path).stat().st_mtime_ns for path in before} == before

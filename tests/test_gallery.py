@@ -16,6 +16,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+from factories import sample_request
 from PIL import Image, ImageDraw
 
 from sidecar.gallery import (
@@ -27,24 +28,13 @@ from sidecar.gallery import (
     thumbnail_path,
 )
 from sidecar.output import infotext, write_sample
-from sidecar.prompts import SampleRequest
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = Path(os.environ.get("SIDECAR_ARTIFACTS", REPO / "out" / "artifacts"))
 CHROMIUM_TIMEOUT_S = 30
 XSS = "<script>alert(1)</script> sks dog & friends"
-REQUEST = SampleRequest(
-    index=0,
-    prompt="a photo of sks dog, on a beach",
-    negative_prompt="blurry, lowres",
-    width=64,
-    height=64,
-    steps=20,
-    guidance_scale=7.0,
-    true_cfg_scale=1.0,
-    sampler="euler_a",
-    seed=42,
-    strength=0.8,
+REQUEST = sample_request(
+    prompt="a photo of sks dog, on a beach", negative_prompt="blurry, lowres", strength=0.8
 )
 PROMPTS = (REQUEST.prompt, XSS, "an oil painting of sks dog in a field of sunflowers")
 

@@ -8,6 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from factories import sample_request
 from PIL import Image
 
 from sidecar.errors import SidecarError
@@ -22,21 +23,8 @@ from sidecar.grids import (
     write_step_grid,
 )
 from sidecar.output import write_sample
-from sidecar.prompts import SampleRequest
 
-REQUEST = SampleRequest(
-    index=0,
-    prompt="a photo of sks dog",
-    negative_prompt="blurry",
-    width=64,
-    height=64,
-    steps=20,
-    guidance_scale=7.0,
-    true_cfg_scale=1.0,
-    sampler="euler_a",
-    seed=42,
-    strength=1.0,
-)
+REQUEST = sample_request(negative_prompt="blurry")
 PROMPTS = ("a photo of sks dog", "sks dog in the snow", "an oil painting of sks dog")
 
 

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from factories import sample_request
 
 from sidecar.checkpoints import Checkpoint
 from sidecar.errors import CheckpointError
@@ -27,18 +28,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def request(index: int, prompt: str = "a photo of sks dog") -> SampleRequest:
-    return SampleRequest(
+    return sample_request(
         index=index,
         prompt=f"{prompt} #{index}",
-        negative_prompt="",
         width=1024,
         height=1024,
-        steps=20,
         guidance_scale=4.0,
-        true_cfg_scale=1.0,
         sampler="flowmatch",
         seed=42 + index,
-        strength=1.0,
     )
 
 

@@ -9,6 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from factories import sample_request
 from PIL import Image
 
 from sidecar import output
@@ -26,18 +27,8 @@ from sidecar.prompts import SampleRequest
 
 SDXL_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
 
-REQUEST = SampleRequest(
-    index=3,
-    prompt="photo of sks dog, on a beach",
-    negative_prompt="blurry, lowres",
-    width=1024,
-    height=768,
-    steps=20,
-    guidance_scale=7.0,
-    true_cfg_scale=1.0,
-    sampler="euler_a",
-    seed=42,
-    strength=1.0,
+REQUEST = sample_request(
+    index=3, prompt="photo of sks dog, on a beach", negative_prompt="blurry, lowres", width=1024, height=768
 )
 FLUX_REQUEST = replace(REQUEST, sampler="flowmatch", guidance_scale=3.5, negative_prompt="")
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from factories import sample_request
 from PIL import Image
 
 from sidecar import devices
@@ -20,18 +21,8 @@ from sidecar.sampling import checkpoint_step, load_renderer, render_command, ren
 
 
 def request(index: int, *, seed: int = 1) -> SampleRequest:
-    return SampleRequest(
-        index=index,
-        prompt=f"prompt {index}",
-        negative_prompt="",
-        width=64,
-        height=64,
-        steps=2,
-        guidance_scale=5.0,
-        true_cfg_scale=1.0,
-        sampler="euler",
-        seed=seed,
-        strength=1.0,
+    return sample_request(
+        index=index, prompt=f"prompt {index}", steps=2, guidance_scale=5.0, sampler="euler", seed=seed
     )
 
 

@@ -9,6 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from factories import sample_request
 from PIL import Image
 
 from sidecar.config import load_trainer_config
@@ -29,19 +30,7 @@ needs_tensorboard = pytest.mark.skipif(
 )
 
 FIXTURES = Path(__file__).parent / "fixtures" / "configs"
-REQUEST = SampleRequest(
-    index=0,
-    prompt="a photo of sks dog",
-    negative_prompt="",
-    width=64,
-    height=48,
-    steps=20,
-    guidance_scale=7.0,
-    true_cfg_scale=1.0,
-    sampler="euler_a",
-    seed=42,
-    strength=1.0,
-)
+REQUEST = sample_request(height=48)
 REQUESTS = (REQUEST, replace(REQUEST, index=1, prompt="sks dog, in the SNOW! (watercolour)", seed=43))
 
 
