@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
+import torch
 from diffusers import FluxPipeline
 
 from sidecar.architectures import FLUX
@@ -29,33 +30,30 @@ class FluxRenderer(Renderer):
     text_encoder_keys: ClassVar[dict[str, str]] = {"clip_l_path": "text_encoder", "t5_path": "text_encoder_2"}
 
     def encode(self, prompt: str, negative_prompt: str, lora_scale: float | None) -> Embeddings:
-        prompt_embeds, pooled, _text_ids = self.pipe.encode_prompt(
-            prompt=prompt,
+        """Flux has no negative embeddings of its own: the negative prompt is encoded like
+        a prompt, and only when there is one (true CFG needs it)."""
+        prompt_embeds, pooled = self._encode_text(prompt, lora_scale)
+        negative_embeds, negative_pooled = (
+            self._encode_text(negative_prompt, lora_scale) if negative_prompt else (None, None)
+        )
+        return {
+            "prompt_embeds": prompt_embeds,
+            "pooled_prompt_embeds": pooled,
+            "negative_prompt_embeds": negative_embeds,
+            "negative_pooled_prompt_embeds": negative_pooled,
+        }
+
+    def _encode_text(self, text: str, lora_scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """T5 sequence embeddings and the pooled CLIP embedding of one text."""
+        embeds, pooled, _text_ids = self.pipe.encode_prompt(
+            prompt=text,
             prompt_2=None,
             device=self.device,
             num_images_per_prompt=1,
             max_sequence_length=T5_MAX_SEQUENCE_LENGTH,
             lora_scale=lora_scale,
         )
-        embeddings = {
-            "prompt_embeds": prompt_embeds,
-            "pooled_prompt_embeds": pooled,
-            "negative_prompt_embeds": None,
-            "negative_pooled_prompt_embeds": None,
-        }
-        if negative_prompt:
-            negative_embeds, negative_pooled, _ = self.pipe.encode_prompt(
-                prompt=negative_prompt,
-                prompt_2=None,
-                device=self.device,
-                num_images_per_prompt=1,
-                max_sequence_length=T5_MAX_SEQUENCE_LENGTH,
-                lora_scale=lora_scale,
-            )
-            embeddings.update(
-                negative_prompt_embeds=negative_embeds, negative_pooled_prompt_embeds=negative_pooled
-            )
-        return embeddings
+        return embeds, pooled
 
     def call_arguments(self, batch: Sequence[SampleRequest], embeddings: Embeddings) -> dict[str, Any]:
         first = batch[0]
