@@ -76,7 +76,7 @@ from sidecar.output import remove_stale_temp_files
 from sidecar.prompts import SamplePlan, build_plan
 from sidecar.publish import publish_step
 from sidecar.slots import SlotGate, build_probe
-from sidecar.tensorboard import TensorBoardSink
+from sidecar.tensorboard import TensorBoardSink, tensorboard_dir_for
 from sidecar.watcher import CheckpointWatcher, FileEvent, scan_tree
 
 try:
@@ -563,6 +563,8 @@ class Worker:
         claimed = self.store.claim_next_checkpoint(now, backlog=self.backlog)
         if claimed is None:
             self._set_state("idle")
+            if not isinstance(self.slot_gate, AlwaysOpenGate):
+                self._park()  # a shared card: hold no VRAM between renders, the trainer may start
             return False
         placement = getattr(self.renderer, "placement", None)
         if placement is not None:
@@ -863,8 +865,12 @@ def run_daemon(
                 renderer_factory=renderer_factory or _default_renderer_factory(settings),
                 slot_gate=slot_gate,
             )
-            if settings.tensorboard is not None:
-                worker.tensorboard = TensorBoardSink(settings.tensorboard)
+            tensorboard = tensorboard_dir_for(
+                config, samples_dir=samples_dir, option=settings.tensorboard or options.tensorboard
+            )
+            if tensorboard is not None:
+                worker.tensorboard = TensorBoardSink(tensorboard)
+                logger.info("samples also go to TensorBoard in %s", tensorboard)
             if worker_ready is not None:
                 worker_ready(worker)
             logger.info(

@@ -201,3 +201,24 @@ def default_tensorboard_dir(config: TrainerConfig, *, samples_dir: Path) -> Path
         else None
     )
     return tensorboard_dir(log_dir=log_dir, name=config.name, samples_dir=samples_dir)
+
+
+def tensorboard_dir_for(config: TrainerConfig, *, samples_dir: Path, option: Path | None) -> Path | None:
+    """Where the daemon writes TensorBoard images, or None for nowhere.
+
+    `--tensorboard DIR` (or `sidecar.tensorboard`) wins; without it, samples go beside
+    the trainer's loss curves only when its config names a `log_dir`.
+    """
+    if option is not None:
+        return Path(option)
+    import yaml
+
+    try:
+        raw = yaml.safe_load(config.path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        return None
+    if not isinstance(raw, Mapping):
+        return None
+    if trainer_log_dir(raw, process_index=config.process_index, config_dir=config.config_dir) is None:
+        return None
+    return default_tensorboard_dir(config, samples_dir=samples_dir)

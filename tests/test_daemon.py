@@ -605,7 +605,8 @@ def test_the_demo_renders_every_checkpoint_of_a_simulated_training_run(tmp_path:
 
 
 def test_a_closed_slot_parks_the_pipeline_and_the_next_render_unparks_it(make_rig, monkeypatch) -> None:
-    """One-GPU sharing: no VRAM held while the trainer has the card (cuda faked by recording)."""
+    """One-GPU sharing: no VRAM held while the trainer has the card or while there is nothing
+    to render (cuda faked by recording)."""
     import torch
 
     from sidecar import devices
@@ -633,4 +634,4 @@ def test_a_closed_slot_parks_the_pipeline_and_the_next_render_unparks_it(make_ri
     rig.gate.is_open = True
     rig.run(7.0, 8.0)
     assert rig.jobs()[200].state == "done"
-    assert moves == ["park", "unpark:model"]
+    assert moves == ["park", "unpark:model", "park"]  # idle again: the card goes back to the trainer

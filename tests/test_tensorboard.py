@@ -21,6 +21,7 @@ from sidecar.tensorboard import (
     default_tensorboard_dir,
     sample_tag,
     tensorboard_dir,
+    tensorboard_dir_for,
     trainer_log_dir,
 )
 
@@ -166,3 +167,19 @@ def test_default_dir_from_an_ai_toolkit_config(tmp_path: Path) -> None:
     assert (
         default_tensorboard_dir(config, samples_dir=samples) == tmp_path / "logs" / f"{config.name}_samples"
     )
+
+
+def test_the_daemon_writes_tensorboard_only_when_asked_or_when_the_trainer_logs(tmp_path: Path) -> None:
+    samples = tmp_path / "samples"
+    plain = tmp_path / "plain.yaml"
+    plain.write_text("name: my_lora\nmodel: {name_or_path: x, arch: sdxl}\nsample: {prompts: [a dog]}\n")
+    config = load_trainer_config(plain)
+    assert tensorboard_dir_for(config, samples_dir=samples, option=None) is None
+    assert tensorboard_dir_for(config, samples_dir=samples, option=tmp_path / "tb") == tmp_path / "tb"
+
+    logging_trainer = tmp_path / "logs.yaml"
+    (tmp_path / "logs").mkdir()
+    logging_trainer.write_text(plain.read_text() + "log_dir: logs\n")
+    config = load_trainer_config(logging_trainer)
+    expected = tmp_path / "logs" / "my_lora_samples"
+    assert tensorboard_dir_for(config, samples_dir=samples, option=None) == expected
