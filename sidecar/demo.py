@@ -279,7 +279,9 @@ class DemoResult:
             f"rendered {self.images} image(s) of {len(self.step_dirs)} checkpoint(s) in {self.seconds:.0f} s",
             f"samples: {self.samples_dir}",
             *(f"  {folder.name}/" for folder in self.step_dirs),
+            f"gallery: {self.samples_dir / 'index.html'} (open it in a browser)",
             f"trainer config: {self.config_path}",
+            "next: sidecar status / sidecar grid / sidecar watch with your own config (see README)",
         ]
         lines += [f"failed: {failure}" for failure in self.failures]
         return "\n".join(lines)
