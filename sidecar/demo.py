@@ -28,6 +28,7 @@ from sidecar.architectures import Arch
 from sidecar.checkpoints import content_hash
 from sidecar.daemon import DaemonSettings, find_job_store, run_daemon
 from sidecar.jobs import JobStore
+from sidecar.sampling import render_command
 from sidecar.tiny import save_tiny_model, write_lora
 
 logger = logging.getLogger("sidecar.demo")
@@ -142,7 +143,7 @@ class SimulatedTrainer:
             staging / f"{step}.safetensors",
             lora_format=self.lora_format,  # type: ignore[arg-type]
             seed=1,
-            scale=0.5 + step / 1000,
+            scale=step / 200,  # visibly stronger at every save, as a LoRA learning its subject
             metadata=metadata,
         )
         data = path.read_bytes()
@@ -274,9 +275,15 @@ class DemoResult:
     failures: tuple[str, ...]
     seconds: float
 
+    @property
+    def checkpoints(self) -> int:
+        """Rendered checkpoints: every step folder but the baseline's."""
+        return sum(1 for folder in self.step_dirs if folder.name != "step_000000")
+
     def summary(self) -> str:
         lines = [
-            f"rendered {self.images} image(s) of {len(self.step_dirs)} checkpoint(s) in {self.seconds:.0f} s",
+            f"rendered {self.images} image(s) of {self.checkpoints} checkpoint(s), and the base model "
+            f"alone as the reference, in {self.seconds:.0f} s",
             f"samples: {self.samples_dir}",
             *(f"  {folder.name}/" for folder in self.step_dirs),
             f"gallery: {self.samples_dir / 'index.html'} (open it in a browser)",
@@ -322,6 +329,14 @@ def run_demo(workdir: Path, *, arch: Arch = "sdxl", checkpoints: int = 3, device
         settle_seconds=0.3,
         abandon_seconds=30.0,
         poll_interval_seconds=0.1,
+    )
+    # The reference every user wants first: the base model alone, in step_000000.
+    render_command(
+        checkpoint=None,
+        config_path=config_path,
+        samples_dir=output_dir / "samples",
+        baseline=True,
+        overrides={"device": device},
     )
     thread = threading.Thread(target=trainer.run, name="simulated-trainer", daemon=True)
     thread.start()

@@ -599,7 +599,13 @@ def test_the_demo_renders_every_checkpoint_of_a_simulated_training_run(tmp_path:
     result = run_demo(tmp_path / "demo", checkpoints=2)
 
     assert result.exit_code == 0 and result.failures == ()
-    assert [folder.name for folder in result.step_dirs] == ["step_000100", "step_000200", "step_000300"]
+    assert [folder.name for folder in result.step_dirs] == [
+        "step_000000",
+        "step_000100",
+        "step_000200",
+        "step_000300",
+    ]
+    assert len(list((result.samples_dir / "step_000000").glob("sample_*.png"))) == 3  # the baseline
     assert result.images == 9
     assert str(result.samples_dir) in result.summary()
 
