@@ -1,0 +1,110 @@
+"""Swap: switching the loaded pipeline to the next checkpoint, over loading base + LoRA from scratch.
+
+Per architecture and size, alternated in one process:
+
+- *hot-swap*: `renderer.apply_lora(next)` while a LoRA of the same layout is loaded (the
+  next checkpoint of the same run), which takes diffusers' `hotswap=True` path;
+- *unload + load*: `renderer.remove_lora()` then `renderer.apply_lora(next)`, the path
+  taken when the layout changes;
+- *scratch*: `DiffusionPipeline.from_pretrained` + `load_lora_weights`, what a process that
+  renders each checkpoint anew pays.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+
+from bench.common import Figure, Profile, Size, Stats, Target, Workspace, alternate, progress, timed
+from sidecar.architectures import Arch
+from sidecar.pipelines import renderer_class
+
+TARGET = Target("<=", 0.05)
+LORA_SEEDS = (1, 2)  # two checkpoints of one run: same layout, other weights
+
+
+def run(workspace: Workspace, profile: Profile) -> list[Figure]:
+    figures: list[Figure] = []
+    for size in profile.sizes:
+        for arch in profile.archs:
+            figures += measure(workspace, profile, arch, size)
+    return figures
+
+
+def measure(workspace: Workspace, profile: Profile, arch: Arch, size: Size) -> list[Figure]:
+    from diffusers import DiffusionPipeline
+
+    progress(f"swap {arch}/{size}")
+    model = workspace.model(arch, size)
+    loras = [workspace.lora(arch, size, seed=seed) for seed in LORA_SEEDS]
+    renderer = renderer_class(arch).from_model(model)
+    renderer.apply_lora(loras[0])
+    applied = [0]  # index of the loaded LoRA; each swap takes the other one
+    fell_back = 0
+
+    def next_lora() -> int:
+        applied[0] = 1 - applied[0]
+        return applied[0]
+
+    def hot_swap(number: int) -> float:
+        nonlocal fell_back
+        path = loras[next_lora()]
+        started = time.perf_counter()
+        report = renderer.apply_lora(path)
+        seconds = time.perf_counter() - started
+        fell_back += not report.hotswapped
+        return seconds
+
+    def unload_and_load(number: int) -> float:
+        path = loras[next_lora()]
+
+        def swap() -> None:
+            renderer.remove_lora()
+            renderer.apply_lora(path)
+
+        return timed(swap)
+
+    def scratch(number: int) -> float:
+        path = loras[number % len(loras)]
+
+        def load() -> None:
+            pipe = DiffusionPipeline.from_pretrained(model, local_files_only=True)
+            pipe.load_lora_weights(str(path))
+
+        seconds = timed(load)
+        gc.collect()
+        return seconds
+
+    alternate(1, hot_swap, unload_and_load, scratch)  # warm-up
+    fell_back = 0
+    rounds = alternate(profile.repeats, hot_swap, unload_and_load, scratch)
+    renderer.release()
+
+    case = f"{arch}/{size}"
+    settings = {"hotswap_fell_back": fell_back, "lora": "peft, rank 4, attention q/k/v/out"}
+    hot = [r[0] for r in rounds]
+    reload = [r[1] for r in rounds]
+    fresh = [r[2] for r in rounds]
+    return [
+        Figure(
+            "swap",
+            case,
+            "hot-swap / scratch",
+            "x",
+            Stats.of([h / f for h, f in zip(hot, fresh, strict=True)]),
+            TARGET,
+            settings=settings,
+        ),
+        Figure(
+            "swap",
+            case,
+            "unload+load / scratch",
+            "x",
+            Stats.of([r / f for r, f in zip(reload, fresh, strict=True)]),
+            TARGET,
+            settings=settings,
+        ),
+        Figure("swap", case, "hot-swap s", "s", Stats.of(hot), settings=settings),
+        Figure("swap", case, "unload+load s", "s", Stats.of(reload), settings=settings),
+        Figure("swap", case, "scratch s", "s", Stats.of(fresh), settings=settings),
+    ]
