@@ -128,13 +128,23 @@ def _arch_of(model: str) -> Arch | None:
     return ARCH_ALIASES.get(model.lower())
 
 
+def is_excluded_folder(name: str) -> bool:
+    """Whether a folder of this name never holds LoRAs to render (samples, EMA, hidden...)."""
+    lowered = name.lower()
+    return (
+        name.startswith(".")
+        or lowered in _EXCLUDED_DIRS
+        or lowered.endswith("-state")
+        or lowered.endswith("_state")
+    )
+
+
 def _is_excluded(rel: PurePosixPath) -> str | None:
     """Why a path is not a LoRA checkpoint, or None when nothing excludes it."""
     for part in rel.parts[:-1]:
-        lowered = part.lower()
         if part.startswith("."):
             return f"hidden folder {part!r}"
-        if lowered in _EXCLUDED_DIRS or lowered.endswith("-state") or lowered.endswith("_state"):
+        if is_excluded_folder(part):
             return f"inside {part!r}"
     name = rel.name
     if name.startswith(".") or name.endswith("~"):

@@ -90,6 +90,8 @@ Backlog = Literal["all", "latest"]
 
 POLL_INTERVAL_SECONDS = 1.0  # idle back-off of the outer loop
 SLEEP_SLICE_SECONDS = 0.1  # the idle sleep is cut in slices so a stop flag is seen quickly
+SETTLE_CHECKS = 5  # while a file settles, look at it this many times per settle time
+MIN_WAIT_SECONDS = 0.01
 COPY_CHUNK_BYTES = 4 * 1024 * 1024
 MAX_LOOP_ERRORS_IN_A_ROW = 10  # the loop itself failing this often (a broken store): give up
 MAX_COPY_FAILURES = 3  # unreadable (permissions, I/O errors) this often: recorded failed
@@ -299,6 +301,23 @@ class Worker:
         if self._stop_requested:
             return did_work
         return self._render_next(now) or did_work
+
+    def wait_for_work(self, seconds: float) -> None:
+        """The idle back-off: ends as soon as the watcher has news, a stop is asked, or
+        (while files are settling) soon enough to see them settle.
+
+        Waits on the event queue's own condition, looking at `queue` directly: `qsize()`
+        takes the same lock and would deadlock here.
+        """
+        if self._tracking:
+            seconds = min(seconds, max(self.settings.settle_seconds / SETTLE_CHECKS, MIN_WAIT_SECONDS))
+        deadline = time.monotonic() + seconds
+        with self.events.not_empty:
+            while not self.events.queue and not self._stop_requested:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                self.events.not_empty.wait(min(left, SLEEP_SLICE_SECONDS))
 
     def rescan(self) -> int:
         """Feed every checkpoint under the output folder in again (sure to miss nothing)."""
@@ -938,7 +957,7 @@ def _run_loop(worker: Worker, settings: DaemonSettings, until: Callable[[], bool
             logger.info("nothing left to do; exiting")
             return
         if not did_work:
-            _sleep(settings.poll_interval_seconds, worker)
+            worker.wait_for_work(settings.poll_interval_seconds)
     logger.info("stop requested; the store is consistent, the rest is rendered next time")
 
 

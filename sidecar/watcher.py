@@ -17,11 +17,12 @@ watchdog's `PollingObserver`, which compares directory listings every
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -40,10 +41,10 @@ from watchdog.events import (
     FileSystemEventHandler,
 )
 from watchdog.observers import Observer
-from watchdog.observers.api import BaseObserver
+from watchdog.observers.api import BaseObserver, ObservedWatch
 from watchdog.observers.polling import PollingObserver
 
-from sidecar.checkpoints import Checkpoint, recognise
+from sidecar.checkpoints import Checkpoint, is_excluded_folder, recognise
 
 logger = logging.getLogger("sidecar.watcher")
 
@@ -89,21 +90,32 @@ class CheckpointEventHandler(FileSystemEventHandler):
     """
 
     def __init__(
-        self, events: queue.Queue[FileEvent], *, root: Path, pattern: re.Pattern[str] | None = None
+        self,
+        events: queue.Queue[FileEvent],
+        *,
+        root: Path,
+        pattern: re.Pattern[str] | None = None,
+        on_folder: Callable[[Path], None] | None = None,
     ) -> None:
         super().__init__()
         self.events = events
         self.root = Path(root)
         self.pattern = pattern
+        self.on_folder = on_folder  # told of each new folder, so it can be watched too
 
     def _put_file(self, kind: EventKind, path: Path) -> None:
         checkpoint = recognise(path, root=self.root, pattern=self.pattern)
         if checkpoint is not None:
             self.events.put(FileEvent(kind, path, checkpoint))
 
+    def _put_folder(self, kind: EventKind, path: Path) -> None:
+        if self.on_folder is not None:
+            self.on_folder(path)
+        self.events.put(FileEvent(kind, path, is_directory=True))
+
     def on_created(self, event: FileSystemEvent) -> None:
         if isinstance(event, DirCreatedEvent):
-            self.events.put(FileEvent("created", _decode(event.src_path), is_directory=True))
+            self._put_folder("created", _decode(event.src_path))
         elif isinstance(event, FileCreatedEvent):
             self._put_file("created", _decode(event.src_path))
 
@@ -119,7 +131,7 @@ class CheckpointEventHandler(FileSystemEventHandler):
         source, destination = _decode(event.src_path), _decode(event.dest_path)
         if isinstance(event, DirMovedEvent):
             self.events.put(FileEvent("deleted", source, is_directory=True))
-            self.events.put(FileEvent("moved", destination, is_directory=True))
+            self._put_folder("moved", destination)
         elif isinstance(event, FileMovedEvent):
             self._put_file("deleted", source)
             self._put_file("moved", destination)
@@ -147,7 +159,7 @@ def scan_tree(folder: Path, *, root: Path, pattern: re.Pattern[str] | None = Non
 
 
 class CheckpointWatcher:
-    """Watches `root` recursively and feeds `events`; a context manager around the observer.
+    """Watches `root` and feeds `events`; a context manager around the observer.
 
     Enter starts the observer, then `scan()` feeds the files already there. Starting the
     observer first leaves no gap for a file written in between; seeing a file twice is
@@ -168,8 +180,11 @@ class CheckpointWatcher:
         self.pattern = pattern
         self.use_polling = use_polling
         self.polling_interval_seconds = polling_interval_seconds
-        self.handler = CheckpointEventHandler(events, root=self.root, pattern=pattern)
+        self.handler = CheckpointEventHandler(
+            events, root=self.root, pattern=pattern, on_folder=self.watch_tree
+        )
         self._observer: BaseObserver | None = None
+        self._watches: dict[Path, ObservedWatch] = {}
 
     def __enter__(self) -> CheckpointWatcher:
         self.start()
@@ -187,15 +202,41 @@ class CheckpointWatcher:
         observer: BaseObserver = (
             PollingObserver(timeout=self.polling_interval_seconds) if self.use_polling else Observer()
         )
-        observer.schedule(self.handler, str(self.root), recursive=True)
         observer.daemon = True  # never keeps the process alive on its own
-        observer.start()
         self._observer = observer
+        if self.use_polling:
+            observer.schedule(self.handler, str(self.root), recursive=True)
+        else:
+            self.watch_tree(self.root)
+        observer.start()
         logger.info(
             "watching %s (%s)",
             self.root,
             f"polling every {self.polling_interval_seconds:g} s" if self.use_polling else "filesystem events",
         )
+
+    def watch_tree(self, folder: Path) -> None:
+        """Watch `folder` and the folders below it that can hold checkpoints, one level each.
+
+        Not one recursive watch: the samples folder (sidecar's own atomic renames) and
+        hidden ones (`.sidecar`) stay unwatched, because watchdog's inotify holds each
+        rename at the head of its queue for 0.5 s, which would delay the trainer's next
+        checkpoint behind sidecar's own writes. Called again for each new folder.
+        """
+        observer = self._observer
+        if observer is None or self.use_polling:
+            return
+        for current, folders, _ in os.walk(folder):
+            folders[:] = [name for name in folders if not is_excluded_folder(name)]
+            path = Path(current)
+            old = self._watches.pop(path, None)
+            if old is not None:  # a folder made again under the same name: its old watch is dead
+                with contextlib.suppress(KeyError):
+                    observer.unschedule(old)
+            try:
+                self._watches[path] = observer.schedule(self.handler, str(path), recursive=False)
+            except OSError as error:  # gone already (pruned), or the inotify watch limit
+                logger.debug("cannot watch %s: %s", path, error)
 
     def stop(self) -> None:
         """Stop the observer thread and wait for it (bounded)."""

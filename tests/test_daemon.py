@@ -641,3 +641,23 @@ def test_a_closed_slot_parks_the_pipeline_and_the_next_render_unparks_it(make_ri
     rig.run(7.0, 8.0)
     assert rig.jobs()[200].state == "done"
     assert moves == ["park", "unpark:model", "park"]  # idle again: the card goes back to the trainer
+
+
+def test_the_idle_wait_ends_when_the_watcher_has_news(make_rig) -> None:
+    """The back-off wakes on an event instead of sleeping its full length (detection latency)."""
+    import threading
+
+    rig = make_rig()
+    lora = rig.lora(f"{NAME}_000000100.safetensors")
+    timer = threading.Timer(0.05, lambda: rig.event("created", lora))
+    started = time.monotonic()
+    timer.start()
+    rig.worker.wait_for_work(60.0)
+    timer.join()
+    assert time.monotonic() - started < 30.0  # woke on the event, long before the back-off ran out
+    assert not rig.worker.events.empty()
+    rig.worker.events.get_nowait()
+    rig.worker.request_stop()
+    started = time.monotonic()
+    rig.worker.wait_for_work(60.0)  # nothing queued, but a stop request never waits
+    assert time.monotonic() - started < 30.0

@@ -206,3 +206,27 @@ def test_watching_a_missing_folder_says_which(tmp_path: Path) -> None:
         CheckpointWatcher(tmp_path / "no-such", queue.Queue()),
     ):
         pass
+
+
+def test_real_observer_watches_new_folders_but_not_the_samples_folder(tmp_path: Path) -> None:
+    """Files in a folder made after the start are seen; sidecar's own writes in `samples/` and
+    `.sidecar/` are not watched at all (watchdog would hold each of their renames 0.5 s)."""
+    samples = tmp_path / "samples" / "step_000100"
+    samples.mkdir(parents=True)
+    events: queue.Queue[FileEvent] = queue.Queue()
+    with CheckpointWatcher(tmp_path, events) as watcher:
+        assert tmp_path / "samples" not in watcher._watches
+        (tmp_path / "checkpoint-500").mkdir()
+        wait_for(events, tmp_path / "checkpoint-500", kinds=("created",))
+        lora = tmp_path / "checkpoint-500" / "pytorch_lora_weights.safetensors"
+        lora.write_bytes(b"x")
+        record = wait_for(events, lora, kinds=("created", "modified", "closed"))
+        (tmp_path / "samples" / "run_000000300.safetensors").write_bytes(b"x")  # ignored even by name
+        (samples / ".sample_00.png.tmp").write_bytes(b"png")
+        (samples / ".sample_00.png.tmp").rename(samples / "sample_00.png")
+        marker = tmp_path / "run_000000600.safetensors"
+        marker.write_bytes(b"x")
+        wait_for(events, marker, kinds=("created", "modified", "closed"))
+
+    assert record.checkpoint is not None and record.checkpoint.step == 500
+    assert all("samples" not in event.path.parts for event in drain(events))
