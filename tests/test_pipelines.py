@@ -328,6 +328,48 @@ def test_hotswapped_lora_equals_freshly_loaded(arch, lora_format, tiny_lora, new
     assert not np.array_equal(swapped, first_image), "the swap left the first LoRA's weights"
 
 
+@pytest.mark.parametrize(("arch", "lora_format"), params(APPLYING))
+def test_next_checkpoint_of_a_run_is_copied_in_place_without_diffusers_loader(
+    arch, lora_format, tiny_lora, new_renderer, monkeypatch
+):
+    """Same keys, shapes and alphas: the swap copies tensors into the adapter (no model walk)."""
+    renderer = new_renderer(arch)
+    renderer.apply_lora(tiny_lora(arch, lora_format, seed=11))
+    loads: list[dict] = []
+    original = renderer.pipe.load_lora_weights
+    monkeypatch.setattr(
+        renderer.pipe,
+        "load_lora_weights",
+        lambda *args, **kwargs: loads.append(kwargs) or original(*args, **kwargs),
+    )
+    report = renderer.apply_lora(tiny_lora(arch, lora_format, seed=12))
+    assert report.hotswapped and report.injected_total > 0
+    if lora_format == "kohya_sgm":
+        # diffusers maps SGM block names to its own only inside its loader: its hot-swap it is.
+        assert [kwargs.get("hotswap") for kwargs in loads] == [True]
+    else:
+        assert loads == []
+
+
+def test_text_encoder_lora_swaps_through_diffusers(tiny_lora, new_renderer, monkeypatch):
+    """Text-encoder weights take diffusers' path (and re-encode the prompts)."""
+    renderer = new_renderer("sdxl")
+    renderer.apply_lora(tiny_lora("sdxl", seed=11, text_encoder=True))
+    loads: list[dict] = []
+    original = renderer.pipe.load_lora_weights
+    monkeypatch.setattr(
+        renderer.pipe,
+        "load_lora_weights",
+        lambda *args, **kwargs: loads.append(kwargs) or original(*args, **kwargs),
+    )
+    second = tiny_lora("sdxl", seed=12, text_encoder=True)
+    renderer.apply_lora(second)
+    assert loads, "a text-encoder LoRA must not be copied in place"
+    fresh = new_renderer("sdxl")
+    fresh.apply_lora(second)
+    np.testing.assert_array_equal(render_one(renderer, sample("sdxl")), render_one(fresh, sample("sdxl")))
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("change", [{"alpha": 2.0}, {"rank": 8}], ids=["new-alpha", "new-rank"])
 def test_swap_to_lora_with_other_alpha_or_rank_equals_freshly_loaded(arch, change, tiny_lora, new_renderer):

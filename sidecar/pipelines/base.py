@@ -19,6 +19,8 @@ from typing import Any, ClassVar
 
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline
+from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
+from diffusers.utils import convert_unet_state_dict_to_peft
 from diffusers.utils import logging as diffusers_logging
 from peft.tuners.tuners_utils import BaseTunerLayer
 from PIL import Image
@@ -60,6 +62,9 @@ class Renderer(ABC):
         self.base_scheduler_config = dict(pipe.scheduler.config)
         self.lora: LoraFile | None = None
         self.placement: Placement | None = None  # set when placed on a device (sampling.load_renderer)
+        self._adapter_weights: dict[str, dict[str, torch.nn.Parameter]] = {}  # for in-place swaps
+        self._adapter_alphas: object = None
+        self._adapter_injected: dict[str, int] = {}
         self._lora_generation = 0  # bumps on every swap; keys text-encoder-LoRA embeddings
         self._embeddings: dict[tuple, Embeddings] = {}
         pipe.set_progress_bar_config(disable=True)
@@ -110,7 +115,10 @@ class Renderer(ABC):
         Raises `LoraError` when the LoRA does not apply to this base.
         """
         lora = inspect_lora(path)
-        expected = self._expected_modules(lora)
+        converted, alphas = self._converted_state_dict(lora)
+        expected = expected_modules(converted)
+        if self._copy_into_adapter(lora, converted, alphas):
+            return self._applied(lora, expected, self._adapter_injected, hotswapped=True)
         hotswap = self._can_hotswap(lora)
         if hotswap:
             try:
@@ -131,20 +139,85 @@ class Renderer(ABC):
         except LoraError:
             self.remove_lora()
             raise
+        self._adapter_weights = self._adapter_parameters()
+        self._adapter_alphas = alphas
+        self._adapter_injected = injected
+        return self._applied(lora, expected, injected, hotswapped=hotswap)
+
+    def _applied(
+        self, lora: LoraFile, expected: dict[str, int], injected: dict[str, int], *, hotswapped: bool
+    ) -> LoraReport:
+        """Bookkeeping once a LoRA is in: text-encoder embeddings of the old one are stale."""
         self.lora = lora
         self._lora_generation += 1
         self._embeddings = {key: value for key, value in self._embeddings.items() if key[2] is None}
-        report = LoraReport(lora=lora, expected=expected, injected=injected, hotswapped=hotswap)
+        report = LoraReport(lora=lora, expected=expected, injected=injected, hotswapped=hotswapped)
         self.on_event(
-            "lora_applied", {"path": str(lora.path), "hotswapped": hotswap, "layers": report.injected_total}
+            "lora_applied",
+            {"path": str(lora.path), "hotswapped": hotswapped, "layers": report.injected_total},
         )
         return report
+
+    def _copy_into_adapter(self, lora: LoraFile, converted: dict[str, torch.Tensor], alphas: object) -> bool:
+        """The next checkpoint of the same run: copy its weights into the loaded adapter.
+
+        diffusers' own hot-swap walks the whole model (`state_dict()`, every module) on
+        each swap; when the new file has exactly the loaded adapter's keys, shapes and
+        alphas, copying the tensors in place gives the same weights for a fraction of the
+        cost. Anything else (text-encoder weights, other alphas, offloaded weights that
+        live outside the modules) returns False and takes diffusers' path.
+        """
+        placement_mode = self.placement.mode if self.placement is not None else "none"
+        if (
+            not self._can_hotswap(lora)
+            or lora.has_text_encoder
+            or placement_mode != "none"
+            or alphas != self._adapter_alphas
+            or not self._adapter_weights
+        ):
+            return False
+        copies: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+        for component, parameters in self._adapter_weights.items():
+            prefix = f"{component}."
+            part = {
+                key.removeprefix(prefix): value for key, value in converted.items() if key.startswith(prefix)
+            }
+            part = convert_unet_state_dict_to_peft(part)
+            if set(part) != set(parameters):
+                return False
+            for key, tensor in part.items():
+                if tensor.shape != parameters[key].shape:
+                    return False
+                copies.append((parameters[key], tensor))
+        if len(copies) != sum(1 for key in converted if key.endswith((".weight", ".bias"))):
+            return False  # the file holds weights for something the adapter does not have
+        with torch.no_grad():
+            for parameter, tensor in copies:
+                parameter.copy_(tensor)
+        return True
+
+    def _adapter_parameters(self) -> dict[str, dict[str, torch.nn.Parameter]]:
+        """The adapter's LoRA matrices, `{component: {"<module>.lora_A.weight": parameter}}`."""
+        marker = f".{ADAPTER_NAME}."
+        weights: dict[str, dict[str, torch.nn.Parameter]] = {}
+        for name, component in self.pipe.components.items():
+            if not isinstance(component, torch.nn.Module):
+                continue
+            found = {
+                key.replace(marker, "."): parameter
+                for key, parameter in component.named_parameters()
+                if marker in key and (".lora_A." in key or ".lora_B." in key)
+            }
+            if found:
+                weights[name] = found
+        return weights
 
     def remove_lora(self) -> None:
         """Unload the LoRA: the pipeline renders the base model again."""
         if ADAPTER_NAME in self._adapter_names():
             self.pipe.delete_adapters(ADAPTER_NAME)
         self.lora = None
+        self._adapter_weights = {}
         self._embeddings = {key: value for key, value in self._embeddings.items() if key[2] is None}
 
     def _adapter_names(self) -> set[str]:
@@ -160,8 +233,13 @@ class Renderer(ABC):
             == (lora.format, lora.module_count, lora.has_text_encoder)
         )
 
-    def _expected_modules(self, lora: LoraFile) -> dict[str, int]:
-        """LoRA modules per component after diffusers' own key conversion."""
+    def _converted_state_dict(self, lora: LoraFile) -> tuple[dict[str, torch.Tensor], object]:
+        """The file's weights after diffusers' own key conversion, and what sets their scale.
+
+        The scale comes from kohya `.alpha` tensors (returned by diffusers as network
+        alphas) or from PEFT's `lora_adapter_metadata` header; two files with equal
+        values of both scale their weights alike.
+        """
         try:
             converted = self.pipeline_class.lora_state_dict(str(lora.path))
         except (RuntimeError, ValueError, KeyError, AssertionError, IndexError) as error:
@@ -170,8 +248,15 @@ class Renderer(ABC):
                 f"{lora.path}: diffusers cannot convert this {lora.format} LoRA for "
                 f"{self.spec.label}{self._arch_hint(lora)}: {_first_line(error)}"
             ) from error
-        state_dict = converted[0] if isinstance(converted, tuple) else converted
-        return expected_modules(state_dict)
+        if isinstance(converted, tuple):
+            state_dict, network_alphas = converted[0], converted[1]
+        else:
+            state_dict, network_alphas = converted, None
+        alphas = (
+            tuple(sorted((key, float(value)) for key, value in (network_alphas or {}).items())),
+            lora.metadata.get(LORA_ADAPTER_METADATA_KEY),
+        )
+        return state_dict, alphas
 
     def _injected_layers(self) -> dict[str, int]:
         """Layers per component that really carry the sidecar adapter."""
