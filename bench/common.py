@@ -123,6 +123,23 @@ class Stats:
         )
 
 
+def ratios(numerators: Sequence[float], denominators: Sequence[float]) -> Stats:
+    """The stats of pairwise ratios: each pair was measured side by side in one round."""
+    return Stats.of([a / b for a, b in zip(numerators, denominators, strict=True)])
+
+
+def each_case(
+    workspace: Workspace, profile: Profile, measure: Callable[[Workspace, Profile, Arch, Size], list[Figure]]
+) -> list[Figure]:
+    """`measure` for every size and architecture the profile asks for."""
+    return [
+        figure
+        for size in profile.sizes
+        for arch in profile.archs
+        for figure in measure(workspace, profile, arch, size)
+    ]
+
+
 @dataclass(frozen=True)
 class Target:
     """`median <= value` (or `>=`): what the issue asks of a figure."""

@@ -7,7 +7,19 @@ as a renderer without the cache would. The two sides alternate, on the same rend
 
 from __future__ import annotations
 
-from bench.common import Figure, Profile, Size, Stats, Workspace, alternate, progress, sample_requests, timed
+from bench.common import (
+    Figure,
+    Profile,
+    Size,
+    Stats,
+    Workspace,
+    alternate,
+    each_case,
+    progress,
+    ratios,
+    sample_requests,
+    timed,
+)
 from sidecar.architectures import Arch
 from sidecar.pipelines import renderer_class
 from sidecar.sampling import render_samples
@@ -16,11 +28,7 @@ LORA_SEEDS = (1, 2)
 
 
 def run(workspace: Workspace, profile: Profile) -> list[Figure]:
-    figures: list[Figure] = []
-    for size in profile.sizes:
-        for arch in profile.archs:
-            figures += measure(workspace, profile, arch, size)
-    return figures
+    return each_case(workspace, profile, measure)
 
 
 def measure(workspace: Workspace, profile: Profile, arch: Arch, size: Size) -> list[Figure]:
@@ -64,7 +72,7 @@ def measure(workspace: Workspace, profile: Profile, arch: Arch, size: Size) -> l
             case,
             "speedup (without / with)",
             "x",
-            Stats.of([b / a for a, b in zip(with_cache, without, strict=True)]),
+            ratios(without, with_cache),
             settings=settings,
         ),
     ]

@@ -17,7 +17,19 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from bench.common import Figure, Profile, Size, Stats, Target, Workspace, alternate, progress, timed
+from bench.common import (
+    Figure,
+    Profile,
+    Size,
+    Stats,
+    Target,
+    Workspace,
+    alternate,
+    each_case,
+    progress,
+    ratios,
+    timed,
+)
 from bench.harness import BarePipeline, CheckpointTiming, DaemonHarness
 from sidecar.architectures import Arch
 from sidecar.output import sample_paths
@@ -29,11 +41,7 @@ STEP_EVERY = 100
 
 
 def run(workspace: Workspace, profile: Profile) -> list[Figure]:
-    figures: list[Figure] = []
-    for size in profile.sizes:
-        for arch in profile.archs:
-            figures += measure(workspace, profile, arch, size)
-    return figures
+    return each_case(workspace, profile, measure)
 
 
 def measure(workspace: Workspace, profile: Profile, arch: Arch, size: Size) -> list[Figure]:
@@ -99,7 +107,7 @@ def measure(workspace: Workspace, profile: Profile, arch: Arch, size: Size) -> l
             case,
             "daemon / bare",
             "x",
-            Stats.of([d / b for d, b in zip(daemon_seconds, bare_seconds, strict=True)]),
+            ratios(daemon_seconds, bare_seconds),
             TARGET,
             settings=settings,
         ),
@@ -108,7 +116,7 @@ def measure(workspace: Workspace, profile: Profile, arch: Arch, size: Size) -> l
             case,
             "(daemon - settle) / bare",
             "x",
-            Stats.of([(d - SETTLE_SECONDS) / b for d, b in zip(daemon_seconds, bare_seconds, strict=True)]),
+            ratios([d - SETTLE_SECONDS for d in daemon_seconds], bare_seconds),
             TARGET,
             settings=settings,
         ),

@@ -15,7 +15,19 @@ from __future__ import annotations
 import gc
 import time
 
-from bench.common import Figure, Profile, Size, Stats, Target, Workspace, alternate, progress, timed
+from bench.common import (
+    Figure,
+    Profile,
+    Size,
+    Stats,
+    Target,
+    Workspace,
+    alternate,
+    each_case,
+    progress,
+    ratios,
+    timed,
+)
 from sidecar.architectures import Arch
 from sidecar.pipelines import renderer_class
 
@@ -24,11 +36,7 @@ LORA_SEEDS = (1, 2)  # two checkpoints of one run: same layout, other weights
 
 
 def run(workspace: Workspace, profile: Profile) -> list[Figure]:
-    figures: list[Figure] = []
-    for size in profile.sizes:
-        for arch in profile.archs:
-            figures += measure(workspace, profile, arch, size)
-    return figures
+    return each_case(workspace, profile, measure)
 
 
 def measure(workspace: Workspace, profile: Profile, arch: Arch, size: Size) -> list[Figure]:
@@ -91,7 +99,7 @@ def measure(workspace: Workspace, profile: Profile, arch: Arch, size: Size) -> l
             case,
             "hot-swap / scratch",
             "x",
-            Stats.of([h / f for h, f in zip(hot, fresh, strict=True)]),
+            ratios(hot, fresh),
             TARGET,
             settings=settings,
         ),
@@ -100,7 +108,7 @@ def measure(workspace: Workspace, profile: Profile, arch: Arch, size: Size) -> l
             case,
             "unload+load / scratch",
             "x",
-            Stats.of([r / f for r, f in zip(reload, fresh, strict=True)]),
+            ratios(reload, fresh),
             TARGET,
             settings=settings,
         ),
