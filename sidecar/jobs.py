@@ -430,8 +430,11 @@ class JobStore:
                     conn, self._checkpoint(row), checkpoint, content_hash, size_bytes, mtime_ns, requests, now
                 )
 
+            # "First" means the first that will render: a file that failed (unreadable,
+            # truncated, a LoRA that did not apply) gave the user nothing to look at.
             is_first = conn.execute(
-                "SELECT 1 FROM checkpoints WHERE content_hash IS NOT NULL LIMIT 1"
+                "SELECT 1 FROM checkpoints WHERE content_hash IS NOT NULL"
+                " AND state IN ('pending', 'running', 'done') LIMIT 1"
             ).fetchone()
             reason = skip_reason(
                 checkpoint.step,

@@ -364,6 +364,16 @@ def test_skip_reason_rejects_bad_sample_every() -> None:
         skip_reason(100, sample_every=0, is_final=False, is_first=False)
 
 
+def test_first_checkpoint_is_the_first_that_renders_not_the_first_that_failed(
+    store: JobStore, tmp_path: Path
+) -> None:
+    broken = add(store, tmp_path, 10, sample_every=100, requests=())
+    store.mark_checkpoint_failed(broken.id, "truncated for good", transient=False, now=0.0)
+    first_good = add(store, tmp_path, 50, sample_every=100)
+    off = add(store, tmp_path, 150, sample_every=100)
+    assert (first_good.state, off.state) == ("pending", "skipped")
+
+
 def test_sample_every_records_skipped_checkpoints(store: JobStore, tmp_path: Path) -> None:
     first = add(store, tmp_path, 50, sample_every=100)
     on_schedule = add(store, tmp_path, 100, sample_every=100)
