@@ -252,7 +252,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from sidecar.daemon import status_report
+    from sidecar.status import status_report
 
     print(status_report(args.output or args.output_dir / "samples"))
     return EXIT_OK

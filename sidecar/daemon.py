@@ -44,7 +44,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import json
 import logging
 import os
 import queue
@@ -76,6 +75,7 @@ from sidecar.output import remove_stale_temp_files
 from sidecar.prompts import SamplePlan, build_plan
 from sidecar.publish import publish_step
 from sidecar.slots import SlotGate, build_probe
+from sidecar.status import JOBS_FILE_NAME, state_dir, write_state_file
 from sidecar.tensorboard import TensorBoardSink, tensorboard_dir_for
 from sidecar.watcher import CheckpointWatcher, FileEvent, scan_tree
 
@@ -95,10 +95,7 @@ MIN_WAIT_SECONDS = 0.01
 COPY_CHUNK_BYTES = 4 * 1024 * 1024
 MAX_LOOP_ERRORS_IN_A_ROW = 10  # the loop itself failing this often (a broken store): give up
 MAX_COPY_FAILURES = 3  # unreadable (permissions, I/O errors) this often: recorded failed
-STATE_DIR_NAME = ".sidecar"
-JOBS_FILE_NAME = "jobs.sqlite3"
 CACHE_DIR_NAME = "cache"
-STATE_FILE_NAME = "daemon.json"
 LOCK_FILE_NAME = "daemon.lock"
 FIRST_STEP_WITHOUT_HISTORY = 1  # step 0 is the baseline render of the base model alone
 
@@ -187,11 +184,6 @@ class _SlotTaken(Exception):
 
 class _ChangedWhileCopying(Exception):
     """The trainer rewrote the file while it was being copied: it goes back to the tracker."""
-
-
-def state_dir(samples_dir: Path) -> Path:
-    """`SAMPLES_DIR/.sidecar`: the job store, the checkpoint cache, the daemon's state."""
-    return Path(samples_dir) / STATE_DIR_NAME
 
 
 def _is_out_of_memory(error: BaseException) -> bool:
@@ -737,17 +729,6 @@ class Worker:
         write_state_file(self.samples_dir, {"pid": os.getpid(), "state": text, "since": time.time()})
 
 
-def write_state_file(samples_dir: Path, content: dict[str, Any]) -> None:
-    """`.sidecar/daemon.json`, replaced atomically."""
-    path = state_dir(samples_dir) / STATE_FILE_NAME
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        temporary.write_text(json.dumps(content), encoding="utf-8")
-        os.replace(temporary, path)
-    except OSError as error:  # status is a convenience; never stop rendering for it
-        logger.debug("cannot write %s: %s", path, error)
-
-
 # --- the process --------------------------------------------------------------------------
 
 
@@ -959,78 +940,3 @@ def _run_loop(worker: Worker, settings: DaemonSettings, until: Callable[[], bool
         if not did_work:
             worker.wait_for_work(settings.poll_interval_seconds)
     logger.info("stop requested; the store is consistent, the rest is rendered next time")
-
-
-# --- status ---------------------------------------------------------------------------------
-
-
-def find_job_store(path: Path) -> Path:
-    """The job store of a samples folder, or of an output folder's `samples/`."""
-    path = Path(path)
-    candidates = [state_dir(path) / JOBS_FILE_NAME, state_dir(path / "samples") / JOBS_FILE_NAME]
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
-    raise SidecarError(
-        f"no sidecar job store at {' or '.join(str(c) for c in candidates)}; has `sidecar watch` run "
-        "on this folder? With `--output SAMPLES_DIR`, pass that folder"
-    )
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _step_text(step: int | None) -> str:
-    return "final" if step is None else f"step {step}"
-
-
-def status_report(path: Path) -> str:
-    """`sidecar status`: the queue, the last rendered step, failures with reasons, the daemon's state."""
-    store_path = find_job_store(path)
-    samples_dir = store_path.parent.parent
-    lines = [f"samples folder: {samples_dir}"]
-    state_path = store_path.parent / STATE_FILE_NAME
-    try:
-        state = json.loads(state_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        state = None
-    if isinstance(state, dict):
-        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(state.get("since", 0))))
-        pid = int(state.get("pid", 0) or 0)
-        text = str(state.get("state", "?"))
-        if text != "stopped" and pid and _pid_alive(pid):
-            lines.append(f"daemon: running (pid {pid}), {text} since {since}")
-        else:
-            lines.append(f"daemon: not running (last state: {text}, at {since})")
-    else:
-        lines.append("daemon: no state recorded")
-    with JobStore(store_path, now=time.time()) as store:
-        summary = store.status()
-    checkpoints = ", ".join(f"{count} {state}" for state, count in summary.checkpoint_counts.items() if count)
-    samples = ", ".join(f"{count} {state}" for state, count in summary.sample_counts.items() if count)
-    lines.append(f"checkpoints: {checkpoints or 'none yet'}")
-    lines.append(f"samples: {samples or 'none yet'}")
-    last = summary.last_rendered_step
-    lines.append(f"last rendered: {'none yet' if last is None else f'step {last}'}")
-    if summary.queue:
-        lines.append(f"queue ({len(summary.queue)}):")
-        for job in summary.queue:
-            note = f" ({job.error})" if job.error else ""
-            lines.append(f"  {_step_text(job.step):<12} {job.state:<8} {job.path}{note}")
-    else:
-        lines.append("queue: empty")
-    if summary.failures:
-        lines.append(f"failures ({len(summary.failures)}):")
-        for failure in summary.failures:
-            which = "" if failure.sample_index is None else f" sample {failure.sample_index}"
-            lines.append(f"  {_step_text(failure.step)}{which} {failure.path}: {failure.error}")
-    else:
-        lines.append("failures: none")
-    return "\n".join(lines)

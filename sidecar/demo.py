@@ -26,9 +26,10 @@ import yaml
 
 from sidecar.architectures import Arch
 from sidecar.checkpoints import content_hash
-from sidecar.daemon import DaemonSettings, find_job_store, run_daemon
+from sidecar.daemon import DaemonSettings, run_daemon
 from sidecar.jobs import JobStore
 from sidecar.sampling import render_command
+from sidecar.status import find_job_store
 from sidecar.tiny import save_tiny_model, write_lora
 
 logger = logging.getLogger("sidecar.demo")

@@ -17,19 +17,16 @@ import pytest
 from sidecar.checkpoints import content_hash
 from sidecar.config import load_trainer_config
 from sidecar.daemon import (
-    JOBS_FILE_NAME,
-    STATE_FILE_NAME,
     DaemonSettings,
     Worker,
     _daemon_lock,
     run_daemon,
-    state_dir,
-    status_report,
 )
 from sidecar.demo import write_trainer_config
 from sidecar.errors import ModelError, SidecarError, TransientError
 from sidecar.jobs import JobStore
 from sidecar.prompts import build_plan
+from sidecar.status import JOBS_FILE_NAME, STATE_FILE_NAME, state_dir, status_report
 from sidecar.tiny import save_tiny_model, write_lora
 from sidecar.watcher import FileEvent, scan_tree
 

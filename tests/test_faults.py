@@ -24,16 +24,13 @@ from pathlib import Path
 import pytest
 
 from sidecar.daemon import (
-    JOBS_FILE_NAME,
-    STATE_FILE_NAME,
     DaemonSettings,
     Worker,
     run_daemon,
-    state_dir,
-    status_report,
 )
 from sidecar.demo import TRAINER_LAYOUTS, SimulatedTrainer, write_trainer_config
 from sidecar.jobs import JobStore
+from sidecar.status import JOBS_FILE_NAME, STATE_FILE_NAME, state_dir, status_report
 from sidecar.tiny import save_tiny_model, write_lora
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning", "ignore::UserWarning")
