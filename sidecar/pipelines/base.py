@@ -18,18 +18,17 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from diffusers import AutoencoderKL, DiffusionPipeline
+from diffusers import DiffusionPipeline
 from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
 from diffusers.utils import convert_unet_state_dict_to_peft
-from diffusers.utils import logging as diffusers_logging
 from peft.tuners.tuners_utils import BaseTunerLayer
 from PIL import Image
-from transformers.utils import logging as transformers_logging
 
 from sidecar.architectures import ARCH_SPECS, ArchSpec
 from sidecar.devices import Placement
-from sidecar.errors import CheckpointError, LoraError, ModelError
-from sidecar.lora import LoraFile, LoraReport, check_applied, expected_modules, inspect_lora, refuse_pickle
+from sidecar.errors import LoraError, ModelError
+from sidecar.lora import LoraFile, LoraReport, check_applied, expected_modules, inspect_lora
+from sidecar.pipelines.loading import load_base_pipeline, load_text_encoder, load_vae
 from sidecar.pipelines.schedulers import make_scheduler, sampler_spec
 from sidecar.prompts import SampleRequest
 
@@ -405,109 +404,3 @@ def stack_embeddings(embeddings: Sequence[Embeddings]) -> Embeddings:
         values = [item[name] for item in embeddings]
         stacked[name] = None if any(value is None for value in values) else torch.cat(values)  # type: ignore[assignment]
     return stacked
-
-
-def load_base_pipeline(
-    pipeline_class: type[DiffusionPipeline], source: str | Path, *, dtype: torch.dtype
-) -> DiffusionPipeline:
-    """Load a base model without ever reaching the network.
-
-    `source` is a diffusers folder, a single-file checkpoint (`.safetensors`), or a
-    hub id that is already in the local cache.
-    """
-    diffusers_logging.disable_progress_bar()  # loading bars are for notebooks, not daemon logs
-    transformers_logging.disable_progress_bar()
-    path = Path(source).expanduser()
-    try:
-        if path.is_dir():
-            if not (path / "model_index.json").is_file():
-                raise ModelError(
-                    f"{path} is a folder without model_index.json; "
-                    "point it at a diffusers model folder or a single .safetensors file",
-                    key="name_or_path",
-                )
-            return pipeline_class.from_pretrained(path, dtype=dtype, local_files_only=True)
-        if path.is_file():
-            refuse_pickle(path)
-            return pipeline_class.from_single_file(str(path), dtype=dtype, local_files_only=True)
-        if path.is_absolute() or str(source).startswith((".", "~")) or str(source).count("/") != 1:
-            raise ModelError(f"no such file or folder: {source}", key="name_or_path")
-        return pipeline_class.from_pretrained(str(source), dtype=dtype, local_files_only=True)
-    except OSError as error:
-        raise ModelError(
-            f"{source}: cannot load it offline ({str(error).splitlines()[0]}); "
-            "sidecar never downloads: use a local folder or file, or a hub id already in the cache",
-            key="name_or_path",
-        ) from error
-    except CheckpointError as error:
-        raise ModelError(str(error), key="name_or_path") from error
-
-
-def load_vae(source: str | Path, *, dtype: torch.dtype) -> AutoencoderKL:
-    """The VAE the config's `model.vae_path` names: a folder or a single file."""
-    path = Path(source).expanduser()
-    if path.is_dir():
-        return AutoencoderKL.from_pretrained(path, dtype=dtype, local_files_only=True)
-    if path.is_file():
-        refuse_pickle(path)
-        return AutoencoderKL.from_single_file(str(path), dtype=dtype, local_files_only=True)
-    raise ModelError(f"no such file or folder: {source}", key="vae_path")
-
-
-# Prefixes under which single-file checkpoints (ComfyUI, SAI, ldm) store a text encoder.
-TEXT_ENCODER_PREFIXES = (
-    "text_encoders.clip_l.transformer.",
-    "text_encoders.clip_g.transformer.",
-    "text_encoders.t5xxl.transformer.",
-    "cond_stage_model.transformer.",
-    "conditioner.embedders.0.transformer.",
-)
-
-
-def load_text_encoder(
-    base_encoder: torch.nn.Module, source: str | Path, *, key: str, dtype: torch.dtype
-) -> torch.nn.Module:
-    """A text encoder from the file or folder `model.<key>` names, shaped like the base's.
-
-    Files as ComfyUI and the trainers keep them (`clip_l.safetensors`, `t5xxl_fp16.safetensors`)
-    hold transformers' own tensor names, sometimes under a checkpoint prefix; every tensor
-    of the encoder must be there with its shape, or the file is refused naming the first misfit.
-    """
-    from safetensors.torch import load_file
-
-    path = Path(source).expanduser()
-    encoder_class = type(base_encoder)
-    if path.is_dir():
-        return encoder_class.from_pretrained(path, dtype=dtype, local_files_only=True)
-    if not path.is_file():
-        raise ModelError(f"no such file or folder: {source}", key=key)
-    refuse_pickle(path)
-    try:
-        tensors = load_file(str(path))
-    except Exception as error:  # safetensors raises its own error type for a corrupt file
-        raise ModelError(f"{path}: not a readable safetensors file ({error})", key=key) from error
-    for prefix in TEXT_ENCODER_PREFIXES:
-        if any(name.startswith(prefix) for name in tensors):
-            tensors = {
-                name.removeprefix(prefix): value for name, value in tensors.items() if name.startswith(prefix)
-            }
-            break
-    expected = base_encoder.state_dict()
-    if not any(name in expected for name in tensors):  # transformers >= 5.6 flattened CLIPTextModel
-        tensors = {name.removeprefix("text_model."): value for name, value in tensors.items()}
-    missing = sorted(name for name in expected if name not in tensors and "position_ids" not in name)
-    misshaped = sorted(
-        name for name in expected if name in tensors and tensors[name].shape != expected[name].shape
-    )
-    if missing or misshaped:
-        first = misshaped[0] if misshaped else missing[0]
-        problem = (
-            f"`{first}` has shape {tuple(tensors[first].shape)}, "
-            f"the base needs {tuple(expected[first].shape)}"
-            if misshaped
-            else f"{len(missing)} tensors are missing, e.g. `{first}`"
-        )
-        raise ModelError(f"{path}: does not fit the base's {encoder_class.__name__}: {problem}", key=key)
-    encoder = encoder_class(base_encoder.config)
-    encoder.load_state_dict({name: tensors[name] for name in expected if name in tensors}, strict=False)
-    return encoder.to(dtype).eval()
