@@ -25,34 +25,39 @@ def load_base_pipeline(
     """Load a base model without ever reaching the network.
 
     `source` is a diffusers folder, a single-file checkpoint (`.safetensors`), or a
-    hub id that is already in the local cache.
+    hub id (`org/name`) that is already in the local cache.
     """
     diffusers_logging.disable_progress_bar()  # loading bars are for notebooks, not daemon logs
     transformers_logging.disable_progress_bar()
     path = Path(source).expanduser()
+    looks_like_hub_id = not path.is_absolute() and not str(source).startswith((".", "~"))
+    looks_like_hub_id = looks_like_hub_id and str(source).count("/") == 1
+    if not path.exists() and not looks_like_hub_id:
+        raise ModelError(f"no such file or folder: {source}", key="name_or_path")
+    if path.is_dir() and not (path / "model_index.json").is_file():
+        raise ModelError(
+            f"{path} is a folder without model_index.json; "
+            "point it at a diffusers model folder or a single .safetensors file",
+            key="name_or_path",
+        )
     try:
-        if path.is_dir():
-            if not (path / "model_index.json").is_file():
-                raise ModelError(
-                    f"{path} is a folder without model_index.json; "
-                    "point it at a diffusers model folder or a single .safetensors file",
-                    key="name_or_path",
-                )
-            return pipeline_class.from_pretrained(path, dtype=dtype, local_files_only=True)
         if path.is_file():
             refuse_pickle(path)
             return pipeline_class.from_single_file(str(path), dtype=dtype, local_files_only=True)
-        if path.is_absolute() or str(source).startswith((".", "~")) or str(source).count("/") != 1:
-            raise ModelError(f"no such file or folder: {source}", key="name_or_path")
         return pipeline_class.from_pretrained(str(source), dtype=dtype, local_files_only=True)
-    except OSError as error:
-        raise ModelError(
-            f"{source}: cannot load it offline ({str(error).splitlines()[0]}); "
-            "sidecar never downloads: use a local folder or file, or a hub id already in the cache",
-            key="name_or_path",
-        ) from error
     except CheckpointError as error:
         raise ModelError(str(error), key="name_or_path") from error
+    except OSError as error:
+        where = (
+            "a single file whose config is not in the local cache"
+            if path.is_file()
+            else ("a folder" if path.is_dir() else "no such file or folder, nor a hub id in the local cache")
+        )
+        raise ModelError(
+            f"{source}: {where} ({str(error).splitlines()[0]}); sidecar never downloads: download "
+            "it once (`huggingface-cli download`), or point to a local diffusers folder",
+            key="name_or_path",
+        ) from error
 
 
 def load_vae(source: str | Path, *, dtype: torch.dtype) -> AutoencoderKL:
