@@ -51,7 +51,11 @@ def load_base_pipeline(
         where = (
             "a single file whose config is not in the local cache"
             if path.is_file()
-            else ("a folder" if path.is_dir() else "no such file or folder, nor a hub id in the local cache")
+            else (
+                "a diffusers folder that does not load offline"
+                if path.is_dir()
+                else "no such file or folder, nor a hub id in the local cache"
+            )
         )
         raise ModelError(
             f"{source}: {where} ({str(error).splitlines()[0]}); sidecar never downloads: download "
