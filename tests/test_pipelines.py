@@ -834,3 +834,41 @@ def test_renderer_registry_covers_every_architecture_and_names_the_known_ones():
         assert renderer_class(arch).spec.name == arch
     with pytest.raises(KeyError, match="flux, sd3, sdxl"):
         renderer_class("sd15")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_text_encoders_leave_the_gpu_once_every_prompt_is_cached(arch, tiny_lora, new_renderer, monkeypatch):
+    """Placement on a (pretend) CUDA card with offload=none: encoders come for new prompts only.
+
+    The move itself is `module.to(device)`; here it is recorded, as this machine has no CUDA.
+    """
+    from sidecar.devices import MemoryPolicy, Placement
+
+    renderer = new_renderer(arch)
+    renderer.placement = Placement(device=torch.device("cuda", 0), policy=MemoryPolicy("none"))
+    moves: list[str] = []
+    monkeypatch.setattr(renderer, "_move_text_encoders", lambda device: moves.append(device.type))
+    renderer.apply_lora(tiny_lora(arch))
+    render(renderer, [sample(arch)])
+    assert moves == ["cuda", "cpu"]  # encoded on the card, then off it
+    render(renderer, [sample(arch)])
+    assert moves == ["cuda", "cpu", "cpu"]  # cached: the encoders are not brought back
+    render(renderer, [sample(arch, prompt="a new prompt")])
+    assert moves[-2:] == ["cuda", "cpu"]
+
+
+def test_text_encoders_stay_for_a_text_encoder_lora_and_in_offload_modes(
+    tiny_lora, new_renderer, monkeypatch
+):
+    from sidecar.devices import MemoryPolicy, Placement
+
+    renderer = new_renderer("sdxl")
+    moves: list[str] = []
+    monkeypatch.setattr(renderer, "_move_text_encoders", lambda device: moves.append(device.type))
+    renderer.placement = Placement(device=torch.device("cuda", 0), policy=MemoryPolicy("none"))
+    renderer.apply_lora(tiny_lora("sdxl", text_encoder=True))
+    render(renderer, [sample("sdxl")])
+    assert moves == ["cuda"]  # the LoRA changes the encoders: they stay for the next strength
+    renderer.placement = Placement(device=torch.device("cuda", 0), policy=MemoryPolicy("model"))
+    render(renderer, [sample("sdxl", prompt="other")])
+    assert moves == ["cuda"]  # model offload moves them itself

@@ -25,7 +25,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from PIL import Image
 
 from sidecar.architectures import ARCH_SPECS, ArchSpec
-from sidecar.devices import Placement
+from sidecar.devices import Placement, free_cuda_cache
 from sidecar.errors import LoraError, ModelError
 from sidecar.lora import LoraFile, LoraReport, check_applied, expected_modules, inspect_lora
 from sidecar.pipelines.loading import load_base_pipeline, load_text_encoder, load_vae
@@ -301,6 +301,7 @@ class Renderer(ABC):
         images; each image has its own CPU generator seeded from its request, so a
         batch gives the images of one-by-one renders.
         """
+        self._prepare_embeddings(requests)
         for batch in plan_batches(requests, batch_size=batch_size):
             if sampler_spec(self.spec.name, batch[0].sampler).global_rng:
                 # This scheduler draws its step noise from torch's global generator: one
@@ -337,15 +338,49 @@ class Renderer(ABC):
         the base embeddings stay valid across swaps; with text-encoder weights the key
         includes the LoRA and its strength, and they are encoded again.
         """
-        lora_key = None
-        if self.lora is not None and self.lora.has_text_encoder:
-            lora_key = (self._lora_generation, request.strength)
-        key = (request.prompt, request.negative_prompt, lora_key)
+        key = self._embedding_key(request)
         if key not in self._embeddings:
-            lora_scale = request.strength if lora_key is not None else None
+            lora_scale = request.strength if key[2] is not None else None
             with torch.no_grad():  # as inside `__call__`: autograd changes the attention kernels
                 self._embeddings[key] = self.encode(request.prompt, request.negative_prompt, lora_scale)
         return self._embeddings[key]
+
+    def _embedding_key(self, request: SampleRequest) -> tuple:
+        lora_key = None
+        if self.lora is not None and self.lora.has_text_encoder:
+            lora_key = (self._lora_generation, request.strength)
+        return (request.prompt, request.negative_prompt, lora_key)
+
+    def _prepare_embeddings(self, requests: Sequence[SampleRequest]) -> None:
+        """Encode what is not cached yet, then let the text encoders leave the GPU.
+
+        With every embedding cached and a LoRA without text-encoder weights, the text
+        encoders have nothing to do until the prompts change: on a card of its own with
+        `offload=none` they wait in CPU RAM (Flux's T5 alone is ~9.5 GB in bf16; this is
+        what lets a 24 GB card render Flux). diffusers runs such a split pipeline on the
+        accelerator its backbone sits on. The offload modes move them already.
+        """
+        placement = self.placement
+        if placement is None or placement.device.type != "cuda" or placement.mode != "none":
+            return
+        missing = [request for request in requests if self._embedding_key(request) not in self._embeddings]
+        if missing:
+            self._move_text_encoders(placement.device)
+            for request in missing:
+                self.embeddings(request)
+        if self.lora is None or not self.lora.has_text_encoder:
+            self._move_text_encoders(torch.device("cpu"))
+
+    def _move_text_encoders(self, device: torch.device) -> None:
+        for name in self.text_encoder_keys.values():
+            encoder = getattr(self.pipe, name, None)
+            if not isinstance(encoder, torch.nn.Module):
+                continue
+            if next(encoder.parameters()).device != device:
+                encoder.to(device)
+                logger.debug("%s moved to %s", name, device)
+        if device.type == "cpu":
+            free_cuda_cache()
 
     @abstractmethod
     def encode(self, prompt: str, negative_prompt: str, lora_scale: float | None) -> Embeddings:
