@@ -73,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"sidecar {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--log-format", choices=("plain", "json"), default=None)
+    # The same two options after the command too (`sidecar watch ... --log-format json`, as a
+    # service's argument list puts them); SUPPRESS keeps a value given before the command.
+    logging_options = argparse.ArgumentParser(add_help=False)
+    logging_options.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS)
+    logging_options.add_argument("--log-format", choices=("plain", "json"), default=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", required=True)
 
     def config_options(command: argparse.ArgumentParser, *, required: bool = True) -> None:
@@ -98,12 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
             "--offload", choices=("none", "model", "sequential", "group", "auto"), default=None
         )
 
-    check = commands.add_parser("check", help="parse a trainer config and print the sample plan")
+    check = commands.add_parser(
+        "check", help="parse a trainer config and print the sample plan", parents=[logging_options]
+    )
     check.add_argument("config_file", type=Path, metavar="CONFIG")
     check.add_argument("--process", default=None)
     check.add_argument("--prompts", type=Path, default=None)
 
-    render = commands.add_parser("render", help="render one checkpoint's samples")
+    render = commands.add_parser("render", help="render one checkpoint's samples", parents=[logging_options])
     render.add_argument("checkpoint", type=Path, nargs="?", metavar="CHECKPOINT")
     config_options(render)
     device_options(render)
@@ -113,7 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--baseline", action="store_true", help="render the base model without LoRA into step_000000"
     )
 
-    watch = commands.add_parser("watch", help="watch a trainer's output folder and render each checkpoint")
+    watch = commands.add_parser(
+        "watch", help="watch a trainer's output folder and render each checkpoint", parents=[logging_options]
+    )
     watch.add_argument("output_dir", type=Path, metavar="OUTPUT_DIR")
     config_options(watch)
     device_options(watch)
@@ -146,17 +155,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write each sample as a TensorBoard image at its step",
     )
 
-    status = commands.add_parser("status", help="the queue, the last rendered step and the failures")
+    status = commands.add_parser(
+        "status", help="the queue, the last rendered step and the failures", parents=[logging_options]
+    )
     status.add_argument("output_dir", type=Path, metavar="OUTPUT_DIR")
     status.add_argument(
         "--output", type=Path, default=None, help="samples folder (default OUTPUT_DIR/samples)"
     )
 
-    demo = commands.add_parser("demo", help="a simulated training run beside the daemon, on tiny models")
+    demo = commands.add_parser(
+        "demo", help="a simulated training run beside the daemon, on tiny models", parents=[logging_options]
+    )
     demo.add_argument("--workdir", type=Path, default=Path("out/demo"))
     demo.add_argument("--arch", choices=("sdxl", "sd3", "flux"), default="sdxl")
 
-    grid = commands.add_parser("grid", help="one image of chosen steps x prompts, to share")
+    grid = commands.add_parser(
+        "grid", help="one image of chosen steps x prompts, to share", parents=[logging_options]
+    )
     grid.add_argument("samples_dir", type=Path, metavar="SAMPLES_DIR")
     grid.add_argument("--steps", type=_int_list, default=None, help="e.g. 500,1000,1500 (default: all)")
     grid.add_argument(
@@ -167,10 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--thumb-size", type=int, default=None, help="long side of a cell in px (default: as rendered)"
     )
 
-    gallery = commands.add_parser("gallery", help="rebuild SAMPLES_DIR/index.html")
+    gallery = commands.add_parser("gallery", help="rebuild SAMPLES_DIR/index.html", parents=[logging_options])
     gallery.add_argument("samples_dir", type=Path, metavar="SAMPLES_DIR")
 
-    tiny = commands.add_parser("tiny", help="build the tiny offline models into a folder")
+    tiny = commands.add_parser(
+        "tiny", help="build the tiny offline models into a folder", parents=[logging_options]
+    )
     tiny.add_argument("folder", type=Path)
     tiny.add_argument("--size", choices=("shallow", "deep"), default="shallow")
     return parser

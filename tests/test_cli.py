@@ -72,8 +72,13 @@ def test_a_missing_config_is_a_clear_error(tmp_path, capsys):
     assert "nope.yaml" in capsys.readouterr().err
 
 
-def test_json_log_format_writes_one_object_per_line(tmp_path, capsys):
-    assert main(["--log-format", "json", "check", str(tmp_path / "nope.yaml")]) == EXIT_BAD_INPUT
+@pytest.mark.parametrize("where", ["before-the-command", "after-the-command"])
+def test_json_log_format_writes_one_object_per_line(tmp_path, capsys, where):
+    argv = ["check", str(tmp_path / "nope.yaml")]
+    argv = (
+        ["--log-format", "json", *argv] if where == "before-the-command" else [*argv, "--log-format", "json"]
+    )
+    assert main(argv) == EXIT_BAD_INPUT
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     entries = [json.loads(line) for line in lines]
     assert entries[-1]["level"] == "error" and "nope.yaml" in entries[-1]["message"]
