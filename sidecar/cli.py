@@ -116,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     device_options(render)
     render.add_argument("--output", type=Path, default=None, help="samples folder")
     render.add_argument("--step", type=int, default=None, help="the step, when the file name has none")
+    render.add_argument("--force", action="store_true", help="render samples already on disk again")
     render.add_argument(
         "--baseline", action="store_true", help="render the base model without LoRA into step_000000"
     )
@@ -238,6 +239,7 @@ def cmd_render(args: argparse.Namespace) -> int:
         samples_dir=args.output,
         step=args.step,
         baseline=args.baseline,
+        force=args.force,
         overrides={"gpu": args.gpu, "device": args.device, "dtype": args.dtype, "offload": args.offload},
     )
 

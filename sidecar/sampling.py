@@ -26,7 +26,7 @@ from sidecar.devices import (
     resolve_dtype,
 )
 from sidecar.errors import CheckpointError, ModelError, SidecarError, TransientError
-from sidecar.output import SamplePaths, write_sample
+from sidecar.output import SamplePaths, sample_paths, write_sample
 from sidecar.pipelines import Renderer, renderer_class
 from sidecar.prompts import SampleRequest, build_plan
 from sidecar.publish import publish_step
@@ -168,11 +168,14 @@ def render_command(
     samples_dir: Path | None = None,
     step: int | None = None,
     baseline: bool = False,
+    force: bool = False,
     overrides: dict[str, object] | None = None,
 ) -> int:
     """`sidecar render`: one checkpoint's samples (or the base model's, `--baseline`) to files.
 
-    Returns the exit code: 0 when every sample was written.
+    Samples whose image is already on disk are kept (a killed render picks up where it
+    stopped) unless `force` renders them all again. Returns the exit code: 0 when every
+    sample is on disk.
     """
     config = load_trainer_config(config_path, process=process)
     settings = config.sidecar.merged(**(overrides or {}))
@@ -183,27 +186,40 @@ def render_command(
         step = BASELINE_STEP
     elif step is None:
         step = checkpoint_step(checkpoint)
-    samples_dir = samples_dir or settings.output or config.default_samples_dir(checkpoint)
+    samples_dir = Path(samples_dir or settings.output or config.default_samples_dir(checkpoint))
+    requests = [
+        request
+        for request in plan.requests
+        if force or not sample_paths(samples_dir, step, request.index, plan.image_format).image.is_file()
+    ]
+    if not requests:
+        logger.info(
+            "step %s already has its %d sample(s) in %s; --force renders them again",
+            step,
+            len(plan.requests),
+            samples_dir,
+        )
+        return 0
     renderer = load_renderer(config, settings)
     if not baseline:
         renderer.apply_lora(checkpoint)
     started = time.perf_counter()
     rendered = render_samples(
         renderer,
-        plan.requests,
-        samples_dir=Path(samples_dir),
+        requests,
+        samples_dir=samples_dir,
         step=step,
         image_format=plan.image_format,
         batch_size=plan.batch_size,
     )
-    publish_step(Path(samples_dir), step, plan.requests)
+    publish_step(samples_dir, step, plan.requests)
     logger.info(
         "rendered %d images in %.1f s into %s",
         len(rendered),
         time.perf_counter() - started,
-        Path(samples_dir) / f"step_{step:06d}",
+        samples_dir / f"step_{step:06d}",
     )
-    return 0 if len(rendered) == len(plan.requests) else 1
+    return 0 if len(rendered) == len(requests) else 1
 
 
 def checkpoint_step(path: Path) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import textwrap
 from pathlib import Path
 
@@ -174,6 +175,32 @@ def test_render_command_writes_the_step_folder_grid_and_gallery(tmp_path, tiny_m
     baseline = np.asarray(Image.open(samples / "step_000000" / "sample_00.png"))
     assert np.abs(with_lora.astype(int) - baseline).max() > 10  # the LoRA applied
     assert (samples / "index.html").is_file()
+
+
+def test_render_command_keeps_samples_on_disk_unless_forced(tmp_path, tiny_models, tiny_lora, caplog):
+    lora_dir = tmp_path / "output" / "my_lora"
+    lora_dir.mkdir(parents=True)
+    checkpoint = lora_dir / "my_lora_000000500.safetensors"
+    checkpoint.write_bytes(tiny_lora("sdxl").read_bytes())
+    config = write_config(tmp_path, tiny_models["sdxl"])
+    step = lora_dir / "samples" / "step_000500"
+    assert render_command(checkpoint=checkpoint, config_path=config, overrides={"device": "cpu"}) == 0
+    (step / "sample_01.png").unlink()  # a render killed before its last image
+    kept = (step / "sample_00.png").stat().st_mtime_ns
+
+    assert render_command(checkpoint=checkpoint, config_path=config, overrides={"device": "cpu"}) == 0
+    assert (step / "sample_01.png").is_file()
+    assert (step / "sample_00.png").stat().st_mtime_ns == kept  # not rendered twice
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="sidecar.render"):
+        assert render_command(checkpoint=checkpoint, config_path=config, overrides={"device": "cpu"}) == 0
+    assert "already has its 2 sample(s)" in caplog.text
+
+    assert (
+        render_command(checkpoint=checkpoint, config_path=config, force=True, overrides={"device": "cpu"})
+        == 0
+    )
+    assert (step / "sample_00.png").stat().st_mtime_ns != kept
 
 
 def test_render_command_needs_a_checkpoint_or_baseline(tmp_path, tiny_models):
