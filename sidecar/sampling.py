@@ -26,10 +26,12 @@ from sidecar.devices import (
     resolve_dtype,
 )
 from sidecar.errors import CheckpointError, ModelError, SidecarError, TransientError
+from sidecar.jobs import JobStore
 from sidecar.output import SamplePaths, sample_paths, write_sample
 from sidecar.pipelines import Renderer, renderer_class
 from sidecar.prompts import SampleRequest, build_plan
 from sidecar.publish import publish_step
+from sidecar.status import find_job_store, running_daemon_pid
 
 logger = logging.getLogger("sidecar.render")
 
@@ -181,7 +183,18 @@ def render_command(
     settings = config.sidecar.merged(**(overrides or {}))
     plan = build_plan(config, prompts_file=prompts_file)
     if checkpoint is None and not baseline:
-        raise SidecarError("`sidecar render` needs a CHECKPOINT, or `--baseline` for the base model alone")
+        if step is None:
+            raise SidecarError(
+                "`sidecar render` needs a CHECKPOINT, `--step N` of a checkpoint the daemon recorded, "
+                "or `--baseline` for the base model alone"
+            )
+        try:
+            folder = Path(samples_dir or settings.output or config.default_samples_dir(None))
+        except ValueError as error:
+            raise SidecarError(f"{error}; or pass `--output SAMPLES_DIR`") from error
+        checkpoint = recorded_checkpoint(folder, step, plan.requests, force=force)
+        if checkpoint is None:
+            return 0  # queued for the running daemon
     if baseline:
         step = BASELINE_STEP
     elif step is None:
@@ -220,6 +233,35 @@ def render_command(
         samples_dir / f"step_{step:06d}",
     )
     return 0 if len(rendered) == len(requests) else 1
+
+
+def recorded_checkpoint(
+    samples_dir: Path, step: int, requests: Sequence[SampleRequest], *, force: bool
+) -> Path | None:
+    """The checkpoint file the daemon recorded at `step`, for `sidecar render --step N`.
+
+    While a daemon serves the folder, `--force` hands the step back to it (its samples go
+    back to pending with the current plan) and returns None: two renderers must not
+    write the same files. Otherwise it is the recorded file, if the trainer has not
+    pruned it.
+    """
+    with JobStore(find_job_store(samples_dir), now=time.time()) as store:
+        pid = running_daemon_pid(samples_dir)
+        if pid is not None:
+            if not force:
+                raise SidecarError(
+                    f"a daemon (pid {pid}) serves {samples_dir}; `--force` queues step {step} for it"
+                )
+            store.force_render(step, now=time.time(), requests=requests)
+            logger.info("step %s queued again for the running daemon (pid %s)", step, pid)
+            return None
+        jobs = [job for job in store.checkpoints() if job.step == step]
+    if not jobs:
+        raise CheckpointError(f"no checkpoint at step {step} is recorded in {samples_dir}")
+    path = jobs[-1].path
+    if not path.is_file():
+        raise CheckpointError(f"step {step}: {path} is gone (pruned by the trainer?); nothing to render from")
+    return path
 
 
 def checkpoint_step(path: Path) -> int:

@@ -67,21 +67,35 @@ def _step_text(step: int | None) -> str:
     return "final" if step is None else f"step {step}"
 
 
+def read_state_file(samples_dir: Path) -> dict[str, Any] | None:
+    """What the daemon last wrote about itself, or None."""
+    try:
+        state = json.loads((state_dir(samples_dir) / STATE_FILE_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) else None
+
+
+def running_daemon_pid(samples_dir: Path) -> int | None:
+    """The pid of the daemon serving `samples_dir` while it runs, else None."""
+    state = read_state_file(samples_dir)
+    if state is None or state.get("state") == "stopped":
+        return None
+    pid = int(state.get("pid", 0) or 0)
+    return pid if pid and _pid_alive(pid) else None
+
+
 def status_report(path: Path) -> str:
     """`sidecar status`: the queue, the last rendered step, failures with reasons, the daemon's state."""
     store_path = find_job_store(path)
     samples_dir = store_path.parent.parent
     lines = [f"samples folder: {samples_dir}"]
-    state_path = store_path.parent / STATE_FILE_NAME
-    try:
-        state = json.loads(state_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        state = None
-    if isinstance(state, dict):
+    state = read_state_file(samples_dir)
+    if state is not None:
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(state.get("since", 0))))
-        pid = int(state.get("pid", 0) or 0)
+        pid = running_daemon_pid(samples_dir)
         text = str(state.get("state", "?"))
-        if text != "stopped" and pid and _pid_alive(pid):
+        if pid is not None:
             lines.append(f"daemon: running (pid {pid}), {text} since {since}")
         else:
             lines.append(f"daemon: not running (last state: {text}, at {since})")

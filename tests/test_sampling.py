@@ -252,3 +252,55 @@ def test_the_plan_of_a_real_config_renders_through_the_renderer(tmp_path, tiny_m
     assert renderer.placement is not None and renderer.placement.mode == "none"
     rendered = render_samples(renderer, build_plan(config).requests, samples_dir=tmp_path / "s", step=0)
     assert len(rendered) == 2
+
+
+def recorded_run(tmp_path: Path, tiny_models, tiny_lora) -> tuple[Path, Path, Path]:
+    """A daemon run (`watch --once`) that recorded step 500: (config, checkpoint, samples dir)."""
+    from sidecar.daemon import DaemonSettings, run_daemon
+
+    lora_dir = tmp_path / "output" / "my_lora"
+    lora_dir.mkdir(parents=True)
+    checkpoint = lora_dir / "my_lora_000000500.safetensors"
+    checkpoint.write_bytes(tiny_lora("sdxl").read_bytes())
+    config = write_config(tmp_path, tiny_models["sdxl"])
+    settings = DaemonSettings(
+        output_dir=lora_dir, config_path=config, device="cpu", once=True, settle_seconds=0.0
+    )
+    assert run_daemon(settings) == 0
+    return config, checkpoint, lora_dir / "samples"
+
+
+def test_render_step_force_renders_the_recorded_checkpoint_again(tmp_path, tiny_models, tiny_lora):
+    config, _, samples = recorded_run(tmp_path, tiny_models, tiny_lora)
+    image = samples / "step_000500" / "sample_00.png"
+    before = image.stat().st_mtime_ns
+    assert (
+        render_command(checkpoint=None, config_path=config, step=500, force=True, overrides={"device": "cpu"})
+        == 0
+    )
+    assert image.stat().st_mtime_ns != before
+    with pytest.raises(CheckpointError, match="no checkpoint at step 700 is recorded"):
+        render_command(checkpoint=None, config_path=config, step=700, force=True)
+
+
+def test_render_step_of_a_pruned_checkpoint_says_so(tmp_path, tiny_models, tiny_lora):
+    config, checkpoint, _ = recorded_run(tmp_path, tiny_models, tiny_lora)
+    checkpoint.unlink()
+    with pytest.raises(CheckpointError, match="is gone"):
+        render_command(checkpoint=None, config_path=config, step=500, force=True)
+
+
+def test_render_step_force_hands_the_step_to_a_running_daemon(tmp_path, tiny_models, tiny_lora):
+    import os
+
+    from sidecar.jobs import JobStore
+    from sidecar.status import find_job_store, write_state_file
+
+    config, _, samples = recorded_run(tmp_path, tiny_models, tiny_lora)
+    write_state_file(samples, {"pid": os.getpid(), "state": "idle", "since": 0.0})  # "a daemon runs"
+    with pytest.raises(SidecarError, match="`--force` queues step 500 for it"):
+        render_command(checkpoint=None, config_path=config, step=500)
+    assert render_command(checkpoint=None, config_path=config, step=500, force=True) == 0
+    with JobStore(find_job_store(samples), now=0.0) as store:
+        (job,) = store.checkpoints()
+        assert {sample.state for sample in store.samples(job.id)} == {"pending"}
