@@ -48,7 +48,6 @@ class Renderer(ABC):
 
     spec: ClassVar[ArchSpec]
     pipeline_class: ClassVar[type[DiffusionPipeline]]
-    denoiser: ClassVar[str]  # the pipeline component LoRAs mostly target: "unet" or "transformer"
     attention_kwargs: ClassVar[str]  # the `__call__` argument that carries the LoRA scale
     text_encoder_keys: ClassVar[dict[str, str]]  # config key of a separate encoder file -> component
 

@@ -25,7 +25,6 @@ class FluxRenderer(Renderer):
 
     spec = FLUX
     pipeline_class = FluxPipeline
-    denoiser = "transformer"
     attention_kwargs = "joint_attention_kwargs"
     text_encoder_keys: ClassVar[dict[str, str]] = {"clip_l_path": "text_encoder", "t5_path": "text_encoder_2"}
 

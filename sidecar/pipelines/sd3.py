@@ -19,7 +19,6 @@ class SD3Renderer(Renderer):
 
     spec = SD3
     pipeline_class = StableDiffusion3Pipeline
-    denoiser = "transformer"
     attention_kwargs = "joint_attention_kwargs"
     text_encoder_keys: ClassVar[dict[str, str]] = {
         "clip_l_path": "text_encoder",

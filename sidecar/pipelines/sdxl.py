@@ -18,7 +18,6 @@ class SDXLRenderer(Renderer):
 
     spec = SDXL
     pipeline_class = StableDiffusionXLPipeline
-    denoiser = "unet"
     attention_kwargs = "cross_attention_kwargs"
     text_encoder_keys: ClassVar[dict[str, str]] = {
         "clip_l_path": "text_encoder",
