@@ -107,9 +107,10 @@ class Renderer(ABC):
     def apply_lora(self, path: str | Path) -> LoraReport:
         """Swap the loaded LoRA for the one at `path`, without reloading the base.
 
-        Hot-swaps in place when the new file has the same layout as the loaded one (the
-        next checkpoint of the same training run); otherwise unloads and loads. Loads
-        from the path, not a state dict, so `lora_alpha` in the header metadata is kept.
+        The next checkpoint of the same training run (same keys, shapes and alphas) is
+        copied into the loaded adapter; another file of the same layout goes through
+        diffusers' hot-swap; anything else is unloaded and loaded. diffusers loads from
+        the path, not a state dict, so `lora_alpha` in the header metadata is kept.
         Raises `LoraError` when the LoRA does not apply to this base.
         """
         lora = inspect_lora(path)
