@@ -186,21 +186,23 @@ def trainer_log_dir(raw: Mapping[str, Any], *, process_index: int | None, config
     return path
 
 
-def default_tensorboard_dir(config: TrainerConfig, *, samples_dir: Path) -> Path:
-    """Where `config`'s samples go in TensorBoard (see the module docstring for the rule)."""
+def _config_log_dir(config: TrainerConfig) -> Path | None:
+    """The `log_dir` the trainer config names, read from the file once; None when it names none."""
     import yaml
 
     try:
         raw = yaml.safe_load(config.path.read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError) as error:  # the config loaded before; this is only a default
         logger.warning("cannot read `log_dir` from %s: %s", config.path, error)
-        raw = {}
-    log_dir = (
-        trainer_log_dir(raw, process_index=config.process_index, config_dir=config.config_dir)
-        if isinstance(raw, Mapping)
-        else None
-    )
-    return tensorboard_dir(log_dir=log_dir, name=config.name, samples_dir=samples_dir)
+        return None
+    if not isinstance(raw, Mapping):
+        return None
+    return trainer_log_dir(raw, process_index=config.process_index, config_dir=config.config_dir)
+
+
+def default_tensorboard_dir(config: TrainerConfig, *, samples_dir: Path) -> Path:
+    """Where `config`'s samples go in TensorBoard (see the module docstring for the rule)."""
+    return tensorboard_dir(log_dir=_config_log_dir(config), name=config.name, samples_dir=samples_dir)
 
 
 def tensorboard_dir_for(config: TrainerConfig, *, samples_dir: Path, option: Path | None) -> Path | None:
@@ -211,14 +213,7 @@ def tensorboard_dir_for(config: TrainerConfig, *, samples_dir: Path, option: Pat
     """
     if option is not None:
         return Path(option)
-    import yaml
-
-    try:
-        raw = yaml.safe_load(config.path.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError):
+    log_dir = _config_log_dir(config)
+    if log_dir is None:
         return None
-    if not isinstance(raw, Mapping):
-        return None
-    if trainer_log_dir(raw, process_index=config.process_index, config_dir=config.config_dir) is None:
-        return None
-    return default_tensorboard_dir(config, samples_dir=samples_dir)
+    return tensorboard_dir(log_dir=log_dir, name=config.name, samples_dir=samples_dir)
