@@ -186,11 +186,6 @@ class _ChangedWhileCopying(Exception):
     """The trainer rewrote the file while it was being copied: it goes back to the tracker."""
 
 
-def _is_out_of_memory(error: BaseException) -> bool:
-    """CUDA OOM without importing torch here: its type name, or the message torch uses."""
-    return type(error).__name__ == "OutOfMemoryError" or "CUDA out of memory" in str(error)
-
-
 def _signature(path: Path) -> tuple[int, int] | None:
     try:
         stat = path.stat()
@@ -601,6 +596,7 @@ class Worker:
         return not self.slot_gate.wait_state(now, in_checkpoint=True).is_open
 
     def _render(self, claimed: ClaimedCheckpoint, now: float) -> None:
+        from sidecar.devices import is_cuda_oom  # torch, like the rendering itself
         from sidecar.sampling import render_samples  # torch and diffusers, only once there is work
 
         job = claimed.checkpoint
@@ -642,7 +638,7 @@ class Worker:
             self._fail(job, str(error), transient=False)
             return
         except Exception as error:
-            if _is_out_of_memory(error):
+            if is_cuda_oom(error):
                 self._fail(job, f"out of memory: {str(error).splitlines()[0]}", transient=True)
                 return
             logger.exception("step %s (%s): unexpected error", step, job.path)

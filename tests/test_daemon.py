@@ -443,6 +443,20 @@ def test_a_transient_error_is_retried_after_a_backoff(make_rig) -> None:
     assert rig.jobs()[100].state == "done"
 
 
+def test_cuda_out_of_memory_with_no_stronger_mode_is_retried_later(make_rig) -> None:
+    import torch
+
+    rig = make_rig()
+    rig.renderer.fail_apply.append(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"))
+    rig.lora(f"{NAME}_000000100.safetensors")
+    rig.scan()
+    rig.run(0.0, 1.5)
+    job = rig.jobs()[100]
+    assert job.state == "pending" and "out of memory: CUDA out of memory" in job.error
+    rig.run(job.retry_at + 0.1)
+    assert rig.jobs()[100].state == "done"
+
+
 def test_an_unexpected_error_fails_that_checkpoint_and_the_worker_goes_on(make_rig, caplog) -> None:
     rig = make_rig()
     rig.renderer.fail_apply.append(RuntimeError("boom"))
