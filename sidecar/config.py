@@ -28,7 +28,6 @@ import json
 import logging
 import math
 import re
-import struct
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,13 +45,13 @@ from sidecar.architectures import (
     arch_from_pipeline_class,
     arch_from_tensor_names,
 )
-from sidecar.errors import ConfigError
+from sidecar.checkpoints import read_header
+from sidecar.errors import CheckpointError, ConfigError
 
 logger = logging.getLogger("sidecar.config")
 
 DEFAULT_SEED = 42
 IMAGE_FORMATS = ("png", "jpg", "webp")
-SAFETENSORS_MAX_HEADER_BYTES = 100 * 1024 * 1024  # a header larger than this is not a real checkpoint
 _INTEGER_TEXT = re.compile(r"\s*[+-]?\d+\s*")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
@@ -625,27 +624,14 @@ def _arch_from_model_index(index: Path) -> tuple[Arch | None, str]:
 
 
 def read_safetensors_names(path: Path) -> list[str]:
-    """Tensor names from a safetensors header (8-byte little-endian length, then JSON); no tensor is read."""
-    with path.open("rb") as handle:
-        size_bytes = handle.read(8)
-        if len(size_bytes) != 8:
-            raise ValueError("shorter than a safetensors header")
-        (size,) = struct.unpack("<Q", size_bytes)
-        if not 0 < size <= SAFETENSORS_MAX_HEADER_BYTES:
-            raise ValueError(f"header length {size} is not plausible")
-        header = handle.read(size)
-    if len(header) != size:
-        raise ValueError("truncated header")
-    table = json.loads(header.decode("utf-8"))
-    if not isinstance(table, dict):
-        raise ValueError("header is not a JSON object")
-    return [name for name in table if name != "__metadata__"]
+    """Tensor names from a safetensors header; no tensor is read."""
+    return list(read_header(path).tensors)
 
 
 def _arch_from_safetensors(path: Path) -> tuple[Arch | None, str]:
     try:
         names = read_safetensors_names(path)
-    except (OSError, ValueError) as exc:
+    except (OSError, CheckpointError) as exc:
         return None, f"not a readable safetensors file: {exc}"
     arch = arch_from_tensor_names(names)
     return arch, "" if arch else "its tensor names match no SDXL, SD 3.5 or Flux checkpoint"
