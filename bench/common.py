@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from sidecar.architectures import Arch
+from sidecar.arch import Arch
 
 Size = Literal["shallow", "deep"]
 ARCHS: tuple[Arch, ...] = ("sdxl", "sd3", "flux")
@@ -250,13 +250,13 @@ class Workspace:
         self._counter = 0
 
     def model(self, arch: Arch, size: Size) -> Path:
-        from sidecar.tiny import save_tiny_model
+        from sidecar.testing.tiny import save_tiny_model
 
         return save_tiny_model(arch, self.root / "models" / f"tiny-{arch}-{size}", size=size)
 
     def lora(self, arch: Arch, size: Size, *, seed: int) -> Path:
         """A PEFT LoRA of the tiny model; different seeds give files of the same layout (hot-swappable)."""
-        from sidecar.tiny import write_lora
+        from sidecar.testing.loras import write_lora
 
         path = self.root / "loras" / f"{arch}-{size}-{seed}.safetensors"
         if not path.is_file():
@@ -273,7 +273,7 @@ class Workspace:
 
 def sample_requests(arch: Arch, profile: Profile, *, count: int | None = None) -> list:
     """Requests like those of `bench.harness.write_config`, for the benchmarks that drive a renderer."""
-    from sidecar.prompts import SampleRequest
+    from sidecar.plan.request import SampleRequest
 
     count = count or profile.prompts
     prompts = [PROMPTS[number % len(PROMPTS)] for number in range(count)]

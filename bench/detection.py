@@ -16,8 +16,8 @@ import time
 
 from bench.common import Figure, Profile, Stats, Target, Workspace, progress
 from bench.harness import DaemonHarness
-from sidecar.checkpoints import SETTLE_SECONDS as DEFAULT_SETTLE_SECONDS
-from sidecar.daemon import POLL_INTERVAL_SECONDS as DEFAULT_POLL_INTERVAL_SECONDS
+from sidecar.settings import POLL_INTERVAL_SECONDS as DEFAULT_POLL_INTERVAL_SECONDS
+from sidecar.settings import SETTLE_SECONDS as DEFAULT_SETTLE_SECONDS
 
 SETTLE_SECONDS = 0.1
 POLL_INTERVAL_SECONDS = 0.05

@@ -7,6 +7,8 @@ as a renderer without the cache would. The two sides alternate, on the same rend
 
 from __future__ import annotations
 
+from sidecar.arch import Arch
+
 from bench.common import (
     Figure,
     Profile,
@@ -20,9 +22,8 @@ from bench.common import (
     sample_requests,
     timed,
 )
-from sidecar.architectures import Arch
-from sidecar.pipelines import renderer_class
-from sidecar.sampling import render_samples
+from sidecar.app.rendering import render_samples
+from sidecar.render.registry import renderer_class
 
 LORA_SEEDS = (1, 2)
 

@@ -23,14 +23,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from sidecar.arch import Arch
+from sidecar.daemon import DaemonSettings, Worker
 
 from bench.common import PROMPTS, TRIGGER, Profile
-from sidecar.architectures import Arch
-from sidecar.config import load_trainer_config
-from sidecar.daemon import DaemonSettings, Worker, run_daemon
-from sidecar.demo import DEMO_NAME, SimulatedTrainer, write_trainer_config
-from sidecar.output import sample_paths
-from sidecar.prompts import SampleRequest, build_plan
+from sidecar.app.watch import run_watch as run_daemon
+from sidecar.plan.build import build_plan
+from sidecar.plan.config import load_trainer_config
+from sidecar.plan.request import SampleRequest
+from sidecar.publish.files import sample_paths
+from sidecar.testing.trainer import DEMO_NAME, SimulatedTrainer, write_trainer_config
 
 SAMPLE_TIMEOUT_SECONDS = 120.0  # a checkpoint whose samples take longer has failed
 ABANDON_SECONDS = 60.0
@@ -148,7 +150,7 @@ class DaemonHarness:
 
     def _load_renderer(self, config: Any) -> Any:
         """What the daemon's default factory does, plus our render-start timestamps."""
-        from sidecar.sampling import load_renderer
+        from sidecar.app.rendering import open_renderer as load_renderer
 
         renderer = load_renderer(config, config.sidecar.merged(device="cpu"))
         renderer.on_event = self._on_render_event

@@ -17,8 +17,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from sidecar.arch import Arch
+
 from bench.common import PROFILES, Figure, Profile, Size, Stats, Workspace, progress
-from sidecar.architectures import Arch
 
 CHECKPOINTS = (100, 200)
 MIB = 1024**2
@@ -114,7 +115,7 @@ def peak_rss_bytes() -> int:
 
 def child(side: str, arch: Arch, model: Path, folder: Path, profile: Profile) -> int:
     from bench.harness import BarePipeline, DaemonHarness
-    from sidecar.tiny import write_lora
+    from sidecar.testing.loras import write_lora
 
     if side == "daemon":
         with DaemonHarness(
@@ -131,8 +132,8 @@ def child(side: str, arch: Arch, model: Path, folder: Path, profile: Profile) ->
                 daemon.save(step, daemon.checkpoint_bytes(step))
     else:
         from bench.harness import write_config
-        from sidecar.config import load_trainer_config
-        from sidecar.prompts import build_plan
+        from sidecar.plan.build import build_plan
+        from sidecar.plan.config import load_trainer_config
 
         config = write_config(
             folder,

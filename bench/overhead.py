@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from sidecar.arch import Arch
 
 from bench.common import (
     Figure,
@@ -31,8 +32,7 @@ from bench.common import (
     timed,
 )
 from bench.harness import BarePipeline, CheckpointTiming, DaemonHarness
-from sidecar.architectures import Arch
-from sidecar.output import sample_paths
+from sidecar.publish.files import sample_paths
 
 SETTLE_SECONDS = 0.1
 POLL_INTERVAL_SECONDS = 0.05

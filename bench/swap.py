@@ -15,6 +15,8 @@ from __future__ import annotations
 import gc
 import time
 
+from sidecar.arch import Arch
+
 from bench.common import (
     Figure,
     Profile,
@@ -28,8 +30,7 @@ from bench.common import (
     ratios,
     timed,
 )
-from sidecar.architectures import Arch
-from sidecar.pipelines import renderer_class
+from sidecar.render.registry import renderer_class
 
 TARGET = Target("<=", 0.05)
 LORA_SEEDS = (1, 2)  # two checkpoints of one run: same layout, other weights

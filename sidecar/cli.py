@@ -14,7 +14,9 @@ import warnings
 from pathlib import Path
 
 from sidecar import __version__
+from sidecar.arch import ARCH_SPECS
 from sidecar.errors import SidecarError
+from sidecar.settings import BACKLOG_POLICIES, DTYPE_NAMES, LOG_FORMATS, OFFLOAD_MODES, SLOT_FILE_MODES
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -72,12 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"sidecar {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    parser.add_argument("--log-format", choices=("plain", "json"), default=None)
+    parser.add_argument("--log-format", choices=LOG_FORMATS, default=None)
     # The same two options after the command too (`sidecar watch ... --log-format json`, as a
     # service's argument list puts them); SUPPRESS keeps a value given before the command.
     logging_options = argparse.ArgumentParser(add_help=False)
     logging_options.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS)
-    logging_options.add_argument("--log-format", choices=("plain", "json"), default=argparse.SUPPRESS)
+    logging_options.add_argument("--log-format", choices=LOG_FORMATS, default=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", required=True)
 
     def config_options(command: argparse.ArgumentParser, *, required: bool = True) -> None:
@@ -98,10 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
         where = command.add_mutually_exclusive_group()
         where.add_argument("--gpu", type=int, default=None, help="render on cuda:N only")
         where.add_argument("--device", default=None, help="a torch device, e.g. cpu")
-        command.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default=None)
-        command.add_argument(
-            "--offload", choices=("none", "model", "sequential", "group", "auto"), default=None
-        )
+        command.add_argument("--dtype", choices=DTYPE_NAMES, default=None)
+        command.add_argument("--offload", choices=OFFLOAD_MODES, default=None)
 
     check = commands.add_parser(
         "check", help="parse a trainer config and print the sample plan", parents=[logging_options]
@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument(
         "--output", type=Path, default=None, help="samples folder (default OUTPUT_DIR/samples)"
     )
-    watch.add_argument("--backlog", choices=("all", "latest"), default=None)
+    watch.add_argument("--backlog", choices=BACKLOG_POLICIES, default=None)
     watch.add_argument("--pattern", default=None, help="checkpoint file-name regex with a `step` group")
     watch.add_argument("--polling", action="store_true", help="poll instead of inotify (network filesystems)")
     watch.add_argument("--once", action="store_true", help="render what is there, then exit")
@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="render only while this file exists (or is absent, or its lock is free: --slot-file-mode)",
     )
-    watch.add_argument("--slot-file-mode", choices=("exists", "absent", "lock"), default="exists")
+    watch.add_argument("--slot-file-mode", choices=SLOT_FILE_MODES, default=None)
     watch.add_argument(
         "--tensorboard",
         type=Path,
@@ -168,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="a simulated training run beside the daemon, on tiny models", parents=[logging_options]
     )
     demo.add_argument("--workdir", type=Path, default=Path("out/demo"))
-    demo.add_argument("--arch", choices=("sdxl", "sd3", "flux"), default="sdxl")
+    demo.add_argument("--arch", choices=tuple(ARCH_SPECS), default="sdxl")
 
     grid = commands.add_parser(
         "grid", help="one image of chosen steps x prompts, to share", parents=[logging_options]
@@ -219,66 +219,65 @@ def _process(value: str | None) -> int | str | None:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from sidecar.config import load_trainer_config
-    from sidecar.prompts import build_plan, format_plan
+    from sidecar.app import commands
 
-    config = load_trainer_config(args.config_file, process=_process(args.process))
-    plan = build_plan(config, prompts_file=args.prompts)
-    print(format_plan(config, plan))
+    print(commands.check(args.config_file, process=_process(args.process), prompts_file=args.prompts))
     return EXIT_OK
 
 
+def _device_overrides(args: argparse.Namespace) -> dict[str, object]:
+    return {"gpu": args.gpu, "device": args.device, "dtype": args.dtype, "offload": args.offload}
+
+
 def cmd_render(args: argparse.Namespace) -> int:
-    from sidecar.sampling import render_command
+    from sidecar.app.render_cmd import render_command
 
     return render_command(
         checkpoint=args.checkpoint,
         config_path=args.config,
         process=_process(args.process),
         prompts_file=args.prompts,
-        samples_dir=args.output,
         step=args.step,
         baseline=args.baseline,
         force=args.force,
-        overrides={"gpu": args.gpu, "device": args.device, "dtype": args.dtype, "offload": args.offload},
+        overrides={**_device_overrides(args), "output": args.output},
     )
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
-    from sidecar.daemon import DaemonSettings, run_daemon
+    from sidecar.app.watch import WatchRequest, run_watch
 
-    if args.share_gpu is not None and args.gpu is not None and args.gpu != args.share_gpu:
-        raise SidecarError(f"`--gpu {args.gpu}` and `--share-gpu {args.share_gpu}` name different cards")
-    settings = DaemonSettings(
+    overrides = {
+        **_device_overrides(args),
+        "output": args.output,
+        "backlog": args.backlog,
+        "pattern": args.pattern,
+        "polling": args.polling or None,
+        "share_gpu": args.share_gpu,
+        "slot_file": args.slot_file,
+        "slot_file_mode": args.slot_file_mode,
+        "tensorboard": args.tensorboard,
+    }
+    request = WatchRequest(
         output_dir=args.output_dir,
         config_path=args.config,
+        overrides=overrides,
         process=_process(args.process),
         prompts_file=args.prompts,
-        samples_dir=args.output,
-        device=f"cuda:{args.gpu}" if args.gpu is not None else args.device,
-        backlog=args.backlog,
-        pattern=args.pattern,
-        dtype=args.dtype,
-        offload=args.offload,
-        use_polling_observer=args.polling,
         once=args.once,
-        share_gpu=args.share_gpu,
-        slot_file=args.slot_file,
-        slot_file_mode=args.slot_file_mode,
-        tensorboard=args.tensorboard,
     )
-    return run_daemon(settings)
+    return run_watch(request)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from sidecar.status import status_report
+    from sidecar.app import commands
 
-    print(status_report(args.output or args.output_dir / "samples"))
+    print(commands.status(args.output_dir, output=args.output))
     return EXIT_OK
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from sidecar.demo import run_demo
+    from sidecar.app.demo import run_demo
 
     result = run_demo(args.workdir, arch=args.arch)
     print(result.summary())
@@ -286,31 +285,31 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_grid(args: argparse.Namespace) -> int:
-    from sidecar.grids import compare_grid
+    from sidecar.app import commands
 
-    output = compare_grid(
-        args.samples_dir,
-        steps=args.steps,
-        prompts=args.prompts,
-        output=args.output,
-        thumb_size=args.thumb_size,
+    print(
+        commands.grid(
+            args.samples_dir,
+            steps=args.steps,
+            prompts=args.prompts,
+            output=args.output,
+            thumb_size=args.thumb_size,
+        )
     )
-    print(output)
     return EXIT_OK
 
 
 def cmd_gallery(args: argparse.Namespace) -> int:
-    from sidecar.gallery import build_gallery
+    from sidecar.app import commands
 
-    print(build_gallery(args.samples_dir))
+    print(commands.gallery(args.samples_dir))
     return EXIT_OK
 
 
 def cmd_tiny(args: argparse.Namespace) -> int:
-    from sidecar.tiny import tiny_models
+    from sidecar.app import commands
 
-    for arch, folder in tiny_models(args.folder, size=args.size).items():
-        print(f"{arch}: {folder}")
+    print(commands.tiny(args.folder, size=args.size))
     return EXIT_OK
 
 

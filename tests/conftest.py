@@ -43,7 +43,7 @@ def single_threaded_torch():
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory, quiet_diffusers, single_threaded_torch) -> dict[str, Path]:
     """`{arch: folder}`: the shallow tiny SDXL, SD 3.5 and Flux models, saved as diffusers folders."""
-    from sidecar.tiny import save_tiny_model
+    from sidecar.testing.tiny import save_tiny_model
 
     root = tmp_path_factory.mktemp("tiny-models")
     return {arch: save_tiny_model(arch, root / f"tiny-{arch}") for arch in ("sdxl", "sd3", "flux")}
@@ -56,7 +56,7 @@ def tiny_lora(tmp_path_factory, tiny_models) -> Callable[..., Path]:
     The options are those of `sidecar.tiny.write_lora` (rank, alpha, seed, scale, text_encoder,
     metadata); equal arguments give the same file.
     """
-    from sidecar.tiny import write_lora
+    from sidecar.testing.loras import write_lora
 
     root = tmp_path_factory.mktemp("tiny-loras")
     written: dict[tuple, Path] = {}

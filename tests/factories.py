@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from sidecar.prompts import SampleRequest
+from pathlib import Path
+
+from sidecar.plan.request import SampleRequest
+
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
+FIXTURES = TESTS / "fixtures" / "configs"
 
 
 def sample_request(**overrides: object) -> SampleRequest:

@@ -1,0 +1,241 @@
+"""The dispatch loop: claim the next checkpoint, render its samples, publish the step.
+
+One iteration (`loop_once(now)`), driven by tests with fake time and no threads:
+
+1. ask the slot gate whether the card is free; while it is not, park the pipeline;
+2. load the base model on first need (a `ModelError` stops the daemon: no checkpoint
+   can render until it is fixed);
+3. claim the next checkpoint (backlog policy), apply its LoRA, render its pending
+   samples with the plan stored with it, marking each done as its file lands, then
+   close the checkpoint, publish the step and drop its cached copy.
+
+Errors: a `SidecarError` in one checkpoint (corrupt, wrong architecture, LoRA that does
+not apply) fails that checkpoint with its message; `TransientError` and CUDA out of
+memory retry with the store's bounded back-off; anything else is logged with its
+traceback and fails the checkpoint. Signals only set a flag: the render stops after the
+current image, done samples stay done, the rest go back to pending.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from sidecar.app.intake_loop import PlanSource
+from sidecar.app.rendering import RenderedSample, render_samples
+from sidecar.app.state import StateFile
+from sidecar.errors import SidecarError, TransientError
+from sidecar.intake.cache import CheckpointCache
+from sidecar.intake.steps import StepCounter
+from sidecar.jobs.records import CheckpointJob, ClaimedCheckpoint
+from sidecar.jobs.store import JobStore
+from sidecar.publish.step import publish_step
+from sidecar.publish.tensorboard import TensorBoardSink
+from sidecar.render.slots import SlotGate
+from sidecar.settings import Backlog
+
+if TYPE_CHECKING:
+    from sidecar.render.base import Renderer
+
+logger = logging.getLogger("sidecar.daemon")
+
+RendererFactory = Callable[[], "Renderer"]
+
+
+class _SlotTaken(Exception):
+    """The slot closed between the gate's answer and the render; the checkpoint waits."""
+
+
+def _is_cuda_oom(error: BaseException) -> bool:
+    from sidecar.render.devices import is_cuda_oom  # torch: only once a render failed
+
+    return is_cuda_oom(error)
+
+
+class Dispatcher:
+    """Ready checkpoints in the store -> images on disk, one `loop_once(now)` at a time.
+
+    `take_in(now)` is called after every image (the intake's `loop_once`), so new
+    checkpoints are copied aside during a long render. `clock` gives the time between
+    two images, where `loop_once`'s `now` would stand still; tests pass a fake one.
+    """
+
+    def __init__(
+        self,
+        *,
+        store: JobStore,
+        cache: CheckpointCache,
+        samples_dir: Path,
+        plans: PlanSource,
+        steps: StepCounter,
+        renderer_factory: RendererFactory,
+        gate: SlotGate,
+        backlog: Backlog = "all",
+        take_in: Callable[[float], object] = lambda now: None,
+        tensorboard: TensorBoardSink | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.cache = cache
+        self.samples_dir = Path(samples_dir)
+        self.plans = plans
+        self.steps = steps
+        self.renderer_factory = renderer_factory
+        self.gate = gate
+        self.backlog = backlog
+        self.take_in = take_in
+        self.tensorboard = tensorboard
+        self.clock = clock
+        self.state = StateFile(self.samples_dir)
+        self.renderer: Renderer | None = None
+        self.rendered_checkpoints = 0  # done during this run
+        self._stop_requested = False
+
+    def request_stop(self) -> None:
+        """Stop after the current image. Safe to call from a signal handler: it sets a flag."""
+        self._stop_requested = True
+
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop_requested
+
+    def loop_once(self, now: float) -> bool:
+        """Render the next checkpoint if the card is free; True when one was rendered."""
+        if self._stop_requested:
+            return False
+        gate = self.gate.wait_state(now)
+        if not gate.is_open:
+            self.state.set(f"waiting for a slot: {gate.reason}")
+            self._park()
+            return False
+        if self.renderer is None:
+            if not self.store.queue():
+                self.state.set("idle")
+                return False
+            self.state.set("loading the base model")
+            started = time.perf_counter()
+            self.renderer = self.renderer_factory()  # ModelError stops the daemon
+            logger.info("base model ready in %.1f s", time.perf_counter() - started)
+        claimed = self.store.claim_next_checkpoint(now, backlog=self.backlog)
+        if claimed is None:
+            self.state.set("idle")
+            if not self.gate.always_open:
+                self._park()  # a shared card: hold no VRAM between renders, the trainer may start
+            return False
+        self.renderer.unpark()
+        self._render(claimed)
+        return True
+
+    def close(self) -> None:
+        """Write the final state for `sidecar status`."""
+        self.state.set("stopped")
+
+    def _park(self) -> None:
+        if self.renderer is not None:
+            self.renderer.park()
+
+    def _should_pause(self) -> bool:
+        """Asked after every image: take in new checkpoints, then stop for a signal or a closed slot."""
+        now = self.clock()
+        try:
+            self.take_in(now)
+        except Exception:  # taking in must never break a render
+            logger.exception("taking in checkpoints between two images failed")
+        if self._stop_requested:
+            return True
+        return not self.gate.wait_state(now, in_checkpoint=True).is_open
+
+    def _render(self, claimed: ClaimedCheckpoint) -> None:
+        job = claimed.checkpoint
+        renderer = self.renderer
+        assert renderer is not None
+        step = job.step if job.step is not None else self.steps.next_unknown()
+        output = job.output or self.plans.plan.output_options()  # rows from before v2 stored none
+        self.state.set(f"rendering step {step}")
+        pending = {sample.request.index: sample for sample in claimed.samples}
+        done = 0
+        started = time.perf_counter()
+
+        def on_sample(rendered: RenderedSample) -> None:
+            nonlocal done
+            sample = pending.get(rendered.request.index)
+            if sample is not None:
+                self.store.mark_sample_done(sample.id, output_path=rendered.paths.image, now=self.clock())
+                done += 1
+
+        try:
+            with contextlib.ExitStack() as stack:
+                self._hold_slot(stack)
+                renderer.apply_lora(self.cache.source_of(job.content_hash, job.path))
+                render_samples(
+                    renderer,
+                    [sample.request for sample in claimed.samples],
+                    samples_dir=self.samples_dir,
+                    step=step,
+                    image_format=output["image_format"],
+                    batch_size=output["batch_size"],
+                    should_stop=self._should_pause,
+                    on_sample=on_sample,
+                )
+        except _SlotTaken as error:  # no fault of the checkpoint: back to pending, untouched
+            self.store.finish_checkpoint(job.id, now=self.clock())
+            self.state.set(f"waiting for a slot: {error}")
+            return
+        except TransientError as error:
+            self._fail(job, str(error), transient=True)
+            return
+        except SidecarError as error:
+            self._fail(job, str(error), transient=False)
+            return
+        except Exception as error:
+            if _is_cuda_oom(error):
+                self._fail(job, f"out of memory: {str(error).splitlines()[0]}", transient=True)
+                return
+            logger.exception("step %s (%s): unexpected error", step, job.path)
+            self._fail(job, f"{type(error).__name__}: {error} (unexpected; see the log)", transient=False)
+            return
+        finished = self.store.finish_checkpoint(job.id, now=self.clock())
+        seconds = time.perf_counter() - started
+        if finished.state == "done":
+            self.rendered_checkpoints += 1
+            logger.info("rendered %s image(s) of step %s in %.1f s", done, step, seconds)
+            self._publish(job, step)
+        elif finished.state == "failed":
+            logger.warning("step %s failed: %s", step, finished.error)
+        else:
+            logger.info(
+                "paused step %s after %s of %s image(s); the rest follow", step, done, len(claimed.samples)
+            )
+        if finished.state in ("done", "failed") and job.content_hash:
+            self.cache.drop(job.content_hash)
+
+    def _publish(self, job: CheckpointJob, step: int) -> None:
+        """Step grid, gallery, TensorBoard, from the plan stored with the checkpoint.
+
+        Views of files already on disk: their failure fails no job.
+        """
+        requests = [sample.request for sample in self.store.samples(job.id)]
+        try:
+            publish_step(self.samples_dir, step, requests, tensorboard=self.tensorboard)
+        except (OSError, SidecarError) as error:
+            logger.warning("step %s: grid / gallery / TensorBoard not updated: %s", step, error)
+
+    def _hold_slot(self, stack: contextlib.ExitStack) -> None:
+        """Hold the slot for the render (a lock shared with the trainer, where the probe has one)."""
+        try:
+            stack.enter_context(self.gate.hold())
+        except TransientError as error:  # sidecar.render.slots.SlotClosedError: the trainer took it first
+            raise _SlotTaken(str(error)) from error
+
+    def _fail(self, job: CheckpointJob, message: str, *, transient: bool) -> None:
+        state = self.store.mark_checkpoint_failed(job.id, message, transient=transient, now=self.clock())
+        if state == "failed":
+            logger.warning("step %s failed: %s", job.step, message)
+            if job.content_hash:
+                self.cache.drop(job.content_hash)
+        else:
+            logger.warning("step %s will be retried: %s", job.step, message)

@@ -1,0 +1,302 @@
+"""The intake loop: the watcher's events become ready checkpoints in the job store.
+
+One iteration (`loop_once(now)`), driven by tests with fake time and no threads:
+
+1. reload the trainer config if its file changed (`PlanSource`; a bad edit is logged and
+   the old plan kept): checkpoints added from now on get the new plan;
+2. drain the watcher's queue into the readiness tracker;
+3. act on the tracker's verdicts: a *ready* checkpoint is copied at once into the cache
+   (hashed as it is copied), given its step, and added to the store with the current
+   plan; *vanished* and *abandoned* ones are recorded as failed with the reason.
+
+The dispatcher also calls `loop_once` between two images, so a slow render does not let
+the trainer prune the next checkpoint unseen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import queue
+import re
+from pathlib import Path
+
+from sidecar.errors import SidecarError
+from sidecar.intake.cache import ChangedWhileCopying, CheckpointCache, unusable_fingerprint
+from sidecar.intake.layouts import Checkpoint
+from sidecar.intake.readiness import ReadinessTracker, ReadyEvent
+from sidecar.intake.steps import StepCounter, resolve_step, step_from_metadata
+from sidecar.intake.watcher import FileEvent, scan_tree
+from sidecar.jobs.store import JobStore
+from sidecar.plan.build import build_plan
+from sidecar.plan.config import TrainerConfig, load_trainer_config
+from sidecar.plan.request import SamplePlan
+
+logger = logging.getLogger("sidecar.intake")
+
+MAX_COPY_FAILURES = 3  # unreadable (permissions, I/O errors) this often: recorded failed
+
+
+def file_signature(path: Path) -> tuple[int, int] | None:
+    """(size, mtime_ns) of a file, or None when it cannot be seen."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_size, stat.st_mtime_ns
+
+
+class PlanSource:
+    """The trainer config and its sample plan, read again when the file changes."""
+
+    def __init__(
+        self,
+        config_path: Path,
+        *,
+        process: int | str | None = None,
+        prompts_file: Path | None = None,
+    ) -> None:
+        self.config_path = Path(config_path)
+        self.process = process
+        self.prompts_file = prompts_file
+        self.config: TrainerConfig = load_trainer_config(self.config_path, process=process)
+        self.plan: SamplePlan = build_plan(self.config, prompts_file=prompts_file)
+        self._signature = self._files_signature()
+
+    def _files_signature(self) -> tuple[int | None, ...]:
+        files = [self.config_path] + ([self.prompts_file] if self.prompts_file is not None else [])
+        return tuple((file_signature(path) or (None, None))[1] for path in files)
+
+    def reload_if_changed(self) -> bool:
+        """A changed `sample:` section applies to checkpoints added from now on."""
+        signature = self._files_signature()
+        if signature == self._signature:
+            return False
+        self._signature = signature
+        try:
+            config = load_trainer_config(self.config_path, process=self.process)
+            plan = build_plan(config, prompts_file=self.prompts_file)
+        except SidecarError as error:
+            logger.error("config changed but is not valid, keeping the previous sample plan: %s", error)
+            return True
+        if (config.arch, config.model.name_or_path) != (self.config.arch, self.config.model.name_or_path):
+            logger.warning(
+                "config now names base model %s (%s); the loaded %s stays until sidecar restarts",
+                config.model.name_or_path,
+                config.arch,
+                self.config.model.name_or_path,
+            )
+        self.config, self.plan = config, plan
+        logger.info(
+            "config reloaded: %s sample(s) per checkpoint, for checkpoints added from now on",
+            len(plan.requests),
+        )
+        return True
+
+
+def _step_order(verdict: ReadyEvent) -> tuple[bool, int, str]:
+    """Checkpoints with a step (in the name, else in the metadata) first, so that a final
+    without any step is placed after all of them."""
+    checkpoint = verdict.checkpoint
+    step = checkpoint.step
+    if step is None and verdict.state == "ready" and not checkpoint.is_pickle:
+        try:
+            step = step_from_metadata(checkpoint.path)
+        except (SidecarError, OSError):
+            step = None
+    return step is None, step or 0, str(checkpoint.path)
+
+
+def _describe(checkpoint: Checkpoint) -> str:
+    step = "no step in its name" if checkpoint.step is None else f"step {checkpoint.step}"
+    return f"{checkpoint.path} ({checkpoint.layout}, {step})"
+
+
+class Intake:
+    """Trainer folder -> ready checkpoints in the store, one `loop_once(now)` at a time."""
+
+    def __init__(
+        self,
+        *,
+        output_dir: Path,
+        events: queue.Queue[FileEvent],
+        store: JobStore,
+        cache: CheckpointCache,
+        plans: PlanSource,
+        steps: StepCounter,
+        pattern: re.Pattern[str] | None = None,
+        settle_seconds: float,
+        abandon_seconds: float,
+    ) -> None:
+        self.output_dir = Path(output_dir)
+        self.events = events
+        self.store = store
+        self.cache = cache
+        self.plans = plans
+        self.steps = steps
+        self.pattern = pattern
+        self.tracker = ReadinessTracker(settle_seconds=settle_seconds, abandon_seconds=abandon_seconds)
+        self._tracking: set[Path] = set()
+        self._copy_failures: dict[Path, int] = {}
+        self._known: dict[Path, tuple[int, int]] = {}  # path -> (size, mtime_ns) already recorded
+        for job in store.checkpoints():
+            if job.content_hash is not None and job.size_bytes is not None and job.mtime_ns is not None:
+                self._known[job.path] = (job.size_bytes, job.mtime_ns)
+            steps.note(job.step)
+        cache.clean(job.content_hash for job in store.queue() if job.content_hash)
+
+    @property
+    def tracking(self) -> bool:
+        """Files are settling: the caller should look again soon, whatever the queue says."""
+        return bool(self._tracking)
+
+    def is_settled(self) -> bool:
+        """Nothing waits in the event queue or the readiness tracker."""
+        return self.events.empty() and not self._tracking
+
+    def rescan(self) -> int:
+        """Feed every checkpoint under the output folder in again (sure to miss nothing)."""
+        count = 0
+        for event in scan_tree(self.output_dir, root=self.output_dir, pattern=self.pattern):
+            self.events.put(event)
+            count += 1
+        return count
+
+    def loop_once(self, now: float) -> bool:
+        """One iteration; True when it did anything (a reload, events, verdicts)."""
+        did_work = self.plans.reload_if_changed()
+        while True:
+            try:
+                event = self.events.get_nowait()
+            except queue.Empty:
+                break
+            did_work = True
+            self._handle_event(event, now)
+        verdicts = self.tracker.poll(now) if self._tracking else []
+        verdicts.sort(key=_step_order)
+        for verdict in verdicts:
+            did_work = True
+            self._tracking.discard(verdict.checkpoint.path)
+            try:
+                if verdict.state == "ready":
+                    self._ingest(verdict, now)
+                elif verdict.state == "vanished":
+                    self._record_vanished(verdict.checkpoint, verdict.reason, now)
+                else:
+                    self._record_unusable(verdict.checkpoint, verdict.reason, now)
+            except Exception:  # one file must not stop the daemon
+                logger.exception("could not record %s", verdict.checkpoint.path)
+        return did_work
+
+    # --- events -------------------------------------------------------------------------
+
+    def _handle_event(self, event: FileEvent, now: float) -> None:
+        if event.is_directory:
+            if event.kind in ("created", "moved") and event.path.is_dir():
+                for found in scan_tree(event.path, root=self.output_dir, pattern=self.pattern):
+                    self._observe(found.checkpoint, now)  # type: ignore[arg-type]
+            return
+        if event.kind == "deleted" or event.checkpoint is None:
+            return  # a tracked file that is gone is reported by the tracker
+        self._observe(event.checkpoint, now)
+
+    def _observe(self, checkpoint: Checkpoint, now: float) -> None:
+        path = checkpoint.path
+        if path not in self._tracking:
+            known = self._known.get(path)
+            if known is not None and known == file_signature(path):
+                return  # already recorded with this content (startup scan, late event)
+            self._tracking.add(path)
+            self.steps.note(checkpoint.step)
+            logger.info("seen %s", _describe(checkpoint))
+        self.tracker.observe(checkpoint, now)
+
+    # --- verdicts -----------------------------------------------------------------------
+
+    def _with_step(self, checkpoint: Checkpoint, *, header_of: Path | None) -> Checkpoint:
+        """The checkpoint with a step: from its name, its metadata (`header_of`), else the rule."""
+        if checkpoint.step is None and header_of is not None and not checkpoint.is_pickle:
+            resolved = resolve_step(dataclasses.replace(checkpoint, path=header_of))
+            checkpoint = dataclasses.replace(resolved, path=checkpoint.path)
+        if checkpoint.step is None:
+            step = self.steps.next_unknown()
+            logger.info(
+                "%s has no step in its name or metadata; using %s, one past the highest step seen",
+                checkpoint.path,
+                step,
+            )
+            checkpoint = dataclasses.replace(checkpoint, step=step)
+        self.steps.note(checkpoint.step)
+        return checkpoint
+
+    def _ingest(self, verdict: ReadyEvent, now: float) -> None:
+        """Copy a whole checkpoint into the cache and add it to the store, before it can be pruned."""
+        checkpoint = verdict.checkpoint
+        if checkpoint.is_pickle:
+            self._record_unusable(checkpoint, checkpoint.pickle_message, now)
+            return
+        try:
+            copy = self.cache.copy_in(checkpoint.path, (verdict.size, verdict.mtime_ns))
+        except FileNotFoundError:
+            self._record_vanished(checkpoint, "vanished while it was being read (pruned?)", now)
+            return
+        except ChangedWhileCopying:
+            logger.info("%s changed while it was being copied; waiting for it to settle", checkpoint.path)
+            self._observe(checkpoint, now)
+            return
+        except OSError as error:
+            failures = self._copy_failures.get(checkpoint.path, 0) + 1
+            self._copy_failures[checkpoint.path] = failures
+            if failures >= MAX_COPY_FAILURES:
+                self._record_unusable(checkpoint, f"cannot be read ({failures} tries): {error}", now)
+            else:
+                logger.warning("%s cannot be read yet (%s); trying again", checkpoint.path, error)
+                self._observe(checkpoint, now)
+            return
+        self._copy_failures.pop(checkpoint.path, None)
+        try:
+            checkpoint = self._with_step(checkpoint, header_of=copy.path)
+        except SidecarError as error:
+            self.cache.drop(copy.content_hash)
+            self._record_unusable(checkpoint, str(error), now)
+            return
+        plan = self.plans.plan
+        job = self.store.add_checkpoint(
+            checkpoint,
+            content_hash=copy.content_hash,
+            size_bytes=copy.size_bytes,
+            mtime_ns=copy.mtime_ns,
+            requests=plan.requests,
+            now=now,
+            sample_every=plan.sample_every,
+            output=plan.output_options(),
+        )
+        self._known[checkpoint.path] = (copy.size_bytes, copy.mtime_ns)
+        if job.state not in ("pending", "running"):
+            self.cache.drop(copy.content_hash)
+
+    def _record_vanished(self, checkpoint: Checkpoint, reason: str, now: float) -> None:
+        if checkpoint.path in self._known:
+            logger.info("%s is gone; it was already copied, nothing is lost", checkpoint.path)
+            return
+        self.store.record_vanished(checkpoint, now=now, reason=reason)
+
+    def _record_unusable(self, checkpoint: Checkpoint, reason: str, now: float) -> None:
+        """A checkpoint that can never be rendered (truncated for good, pickle, unreadable).
+
+        A later good write of the same path and step resets the row.
+        """
+        checkpoint = self._with_step(checkpoint, header_of=None)
+        fingerprint = unusable_fingerprint(checkpoint.path)
+        if fingerprint is None:
+            self.store.record_vanished(checkpoint, now=now, reason=f"{reason}; then it vanished")
+            return
+        identity, size, mtime_ns = fingerprint
+        job = self.store.add_checkpoint(
+            checkpoint, content_hash=identity, size_bytes=size, mtime_ns=mtime_ns, requests=(), now=now
+        )
+        if size >= 0:
+            self._known[checkpoint.path] = (size, mtime_ns)
+        if job.state in ("pending", "running"):
+            self.store.mark_checkpoint_failed(job.id, reason, transient=False, now=now)
+            logger.warning("%s failed: %s", _describe(checkpoint), reason)

@@ -1,0 +1,92 @@
+"""Open the renderer a config names; render requests and write each image as soon as it exists.
+
+The core that `sidecar render` and the daemon's dispatcher share. Each image is written
+atomically (publish stage) before the next is rendered, so a stop between two images
+loses nothing that was already rendered.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from sidecar.errors import ModelError
+from sidecar.plan.config import TrainerConfig
+from sidecar.plan.request import SampleRequest
+from sidecar.publish.files import SamplePaths, write_sample
+from sidecar.settings import Settings
+
+if TYPE_CHECKING:  # the render stage loads torch and diffusers; imported where a render happens
+    from sidecar.render.base import Renderer
+
+
+@dataclass(frozen=True)
+class RenderedSample:
+    """One sample on disk."""
+
+    request: SampleRequest
+    paths: SamplePaths
+    seconds: float  # wall time since the previous image (a batch's time falls on its first image)
+
+
+def render_samples(
+    renderer: Renderer,
+    requests: Sequence[SampleRequest],
+    *,
+    samples_dir: Path,
+    step: int,
+    image_format: str = "png",
+    batch_size: int = 1,
+    should_stop: Callable[[], bool] = lambda: False,
+    on_sample: Callable[[RenderedSample], None] = lambda sample: None,
+) -> list[RenderedSample]:
+    """Render `requests` with the renderer's current LoRA and write each image.
+
+    `should_stop` is asked after every image; when it says so, the images written so
+    far are kept and the rest are left for later (the job store knows which). A CUDA
+    out-of-memory error steps to a stronger memory mode (`Renderer.render_resilient`).
+    """
+    lora_name = renderer.lora.path.name if renderer.lora is not None else None
+    rendered: list[RenderedSample] = []
+    started = time.perf_counter()
+    for request, image in renderer.render_resilient(requests, batch_size=batch_size):
+        paths = write_sample(
+            samples_dir,
+            step,
+            request,
+            image,
+            image_format=image_format,
+            base_model=renderer.base_model,
+            lora_name=lora_name,
+            arch=renderer.spec.name,
+        )
+        now = time.perf_counter()
+        sample = RenderedSample(request=request, paths=paths, seconds=now - started)
+        started = now
+        rendered.append(sample)
+        on_sample(sample)
+        if should_stop():
+            break
+    return rendered
+
+
+def open_renderer(config: TrainerConfig, settings: Settings) -> Renderer:
+    """The base model `config` names, loaded and placed as `settings` say.
+
+    A model that does not load is a `ModelError` located at the config key naming it.
+    """
+    from sidecar.render.registry import load_renderer  # torch and diffusers: only once there is work
+
+    try:
+        return load_renderer(
+            config.model_source(),
+            device=settings.device,
+            gpu=settings.render_gpu if settings.device is None else None,
+            dtype=settings.dtype,
+            offload=settings.offload,
+        )
+    except ModelError as error:
+        raise error.located(config.where(f"model.{error.key}")) from error

@@ -1,0 +1,143 @@
+"""The checkpoint cache: a private copy of each whole checkpoint, taken before the trainer prunes it.
+
+Trainers delete old checkpoints (ai-toolkit `max_step_saves_to_keep`), possibly before
+sidecar gets to render them, so a checkpoint is copied the moment it is whole and
+rendered from the copy. LoRA files are small next to a base model, and a copy (unlike an
+open handle) survives a restart. The copy is hashed as it is made: its SHA-256 names
+its folder (`cache/<sha256>/<name>`) and is the job store's identity of the content.
+
+A copy is checked against the file's size and mtime before and after copying: a
+trainer rewriting the file meanwhile raises `ChangedWhileCopying`, and the caller sends
+it back to the readiness tracker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from sidecar.errors import SidecarError
+from sidecar.intake.readiness import completeness
+
+COPY_CHUNK_BYTES = 4 * 1024 * 1024
+PARTIAL_SUFFIX = ".partial"
+
+
+class ChangedWhileCopying(Exception):
+    """The trainer rewrote the file while it was being copied: it is not ready after all."""
+
+
+@dataclass(frozen=True)
+class CachedCopy:
+    """A whole checkpoint, copied aside."""
+
+    path: Path  # the copy
+    content_hash: str
+    size_bytes: int
+    mtime_ns: int  # of the original, when it was copied
+
+
+def content_hash(path: Path, *, chunk_bytes: int = COPY_CHUNK_BYTES) -> str:
+    """SHA-256 of the file, streamed: the job store's identity of a checkpoint's content."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        while chunk := handle.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def unusable_fingerprint(path: Path) -> tuple[str, int, int] | None:
+    """(identity, size, mtime_ns) of a file that can never render; None when it is gone.
+
+    A hash of its path and bytes: two empty or truncated files must not be taken for one.
+    Size and mtime are -1 when the file cannot be read.
+    """
+    digest = hashlib.sha256(f"unusable\0{path}\0".encode())
+    try:
+        with Path(path).open("rb") as handle:
+            stat = os.fstat(handle.fileno())
+            while chunk := handle.read(COPY_CHUNK_BYTES):
+                digest.update(chunk)
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return digest.hexdigest(), -1, -1
+    return digest.hexdigest(), stat.st_size, stat.st_mtime_ns
+
+
+class CheckpointCache:
+    """`SAMPLES_DIR/.sidecar/cache`: copies of checkpoints that are not rendered yet."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def copy_in(self, path: Path, expected: tuple[int, int]) -> CachedCopy:
+        """Copy `path` into `cache/<sha256>/<name>`, hashing as it goes.
+
+        The file must still be what the tracker judged whole (`expected` size and mtime)
+        and must not change while it is copied; it may be deleted meanwhile (the open
+        handle still reads it whole). Raises `ChangedWhileCopying`, `FileNotFoundError`
+        or another `OSError`.
+        """
+        temporary = self.folder / f".{uuid.uuid4().hex}{PARTIAL_SUFFIX}"
+        digest = hashlib.sha256()
+        copied = 0
+        try:
+            with path.open("rb") as source:
+                before = os.fstat(source.fileno())
+                if (before.st_size, before.st_mtime_ns) != expected:
+                    raise ChangedWhileCopying(path)
+                with temporary.open("wb") as target:
+                    while chunk := source.read(COPY_CHUNK_BYTES):
+                        digest.update(chunk)
+                        target.write(chunk)
+                        copied += len(chunk)
+                after = os.fstat(source.fileno())
+            if copied != before.st_size or (after.st_size, after.st_mtime_ns) != expected:
+                raise ChangedWhileCopying(path)
+            if not completeness(temporary).whole:
+                raise ChangedWhileCopying(path)
+            folder = self.folder / digest.hexdigest()
+            folder.mkdir(exist_ok=True)
+            copy = folder / path.name
+            os.replace(temporary, copy)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                temporary.unlink()
+        return CachedCopy(copy, digest.hexdigest(), before.st_size, before.st_mtime_ns)
+
+    def source_of(self, content_hash: str | None, original: Path) -> Path:
+        """The cached copy of a checkpoint; the original file only if no copy exists."""
+        if content_hash:
+            folder = self.folder / content_hash
+            preferred = folder / original.name
+            if preferred.is_file():
+                return preferred
+            copies = sorted(folder.glob("*")) if folder.is_dir() else []
+            if copies:
+                return copies[0]
+        if original.is_file():
+            return original
+        raise SidecarError(f"{original}: vanished, and no copy of it was kept (pruned by the trainer?)")
+
+    def drop(self, content_hash: str) -> None:
+        shutil.rmtree(self.folder / content_hash, ignore_errors=True)
+
+    def clean(self, needed: Iterable[str]) -> None:
+        """Drop copies no pending job needs, and partial copies a killed process left."""
+        keep = set(needed)
+        for entry in self.folder.iterdir():
+            if entry.name in keep:
+                continue
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    entry.unlink()

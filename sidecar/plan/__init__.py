@@ -1,0 +1,1 @@
+"""The plan stage: a trainer's config becomes sample requests. Pure: no torch, no model weights."""

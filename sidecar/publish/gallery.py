@@ -1,0 +1,390 @@
+"""A static HTML gallery across steps: `SAMPLES_DIR/index.html`, one row per prompt, one column per step.
+
+People judge a LoRA by the same prompt across steps, so the page puts them side by side:
+the baseline (step 0, the base model without LoRA) first, then every checkpoint in order.
+The page is one file with inline CSS and a few lines of optional inline JS; every link is
+relative, so it works from `file://`, from any static web server and from a copied folder,
+and it makes no network request. Thumbnails (WebP, `THUMB_SIZE_PX` on the long side) live in
+`SAMPLES_DIR/.thumbs/step_XXXXXX/` and are made again only when missing or older than their image.
+
+This module also reads the samples folder for `sidecar.publish.grids`: which steps and samples exist,
+and each sample's settings from its `.txt` and A1111 infotext.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import html
+import io
+import json
+import logging
+import os
+import re
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import quote
+
+from PIL import Image
+
+from sidecar.publish.files import TEMP_SUFFIX, atomic_write, read_infotext
+from sidecar.settings import BASELINE_STEP, STEP_DIR_PATTERN
+
+logger = logging.getLogger("sidecar.publish")
+
+INDEX_NAME = "index.html"
+THUMBS_DIR = ".thumbs"  # hidden, so file browsers and `sidecar status` leave it alone
+THUMB_SIZE_PX = 256  # long side of a thumbnail; the page shows them at 160 px by default
+THUMB_QUALITY = 80  # WebP quality: thumbnails only need to show the picture
+STEP_GRID_NAME = "grid.png"  # written by sidecar.publish.grids.write_step_grid
+
+_SAMPLE_FILE = re.compile(r"^sample_(\d{2,})\.(png|jpg|webp)$")
+# A1111's infotext parameter line, as its `parse_generation_parameters` reads it.
+_INFOTEXT_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+_MIN_PARAMS = 3  # a last line with fewer `Key: value` pairs is part of the prompt
+
+# Settings shown under each prompt, in this order: (infotext key, label).
+_SHOWN_SETTINGS = (
+    ("Size", "size"),
+    ("Steps", "steps"),
+    ("Sampler", "sampler"),
+    ("Schedule type", "schedule"),
+    ("CFG scale", "cfg"),
+    ("Guidance", "guidance"),
+    ("Seed", "seed"),
+    ("Lora strength", "strength"),
+)
+
+
+# ---------------------------------------------------------------------------------
+# Reading the samples folder
+# ---------------------------------------------------------------------------------
+
+
+def find_samples(samples_dir: Path) -> dict[int, dict[int, Path]]:
+    """`{step: {prompt index: image}}` for every finished sample under `samples_dir`, steps sorted.
+
+    Temp files are hidden (`.sample_00.png.<hex>.tmp`) and never match. Where one sample exists
+    in two formats (the config's `format:` changed between runs), the newer file wins.
+    """
+    root = Path(samples_dir)
+    found: dict[int, dict[int, Path]] = {}
+    if not root.is_dir():
+        return found
+    for folder in root.iterdir():
+        step_match = STEP_DIR_PATTERN.match(folder.name)
+        if step_match is None or not folder.is_dir():
+            continue
+        images: dict[int, Path] = {}
+        for candidate in folder.iterdir():
+            sample_match = _SAMPLE_FILE.match(candidate.name)
+            if sample_match is None or not candidate.is_file():
+                continue
+            index = int(sample_match.group(1))
+            if index not in images or _mtime(candidate) > _mtime(images[index]):
+                images[index] = candidate
+        if images:
+            found[int(step_match.group(1))] = dict(sorted(images.items()))
+    return dict(sorted(found.items()))
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+@dataclass(frozen=True)
+class SampleInfo:
+    """What one sample was rendered with, as its files record it."""
+
+    prompt: str
+    negative_prompt: str = ""
+    params: Mapping[str, str] = field(default_factory=dict)  # infotext keys: "Seed", "Size", ...
+
+    @property
+    def seed(self) -> str | None:
+        return self.params.get("Seed")
+
+    @property
+    def strength(self) -> str | None:
+        """The LoRA strength; None for the baseline, which has no LoRA."""
+        return self.params.get("Lora strength")
+
+
+def parse_infotext(text: str) -> SampleInfo:
+    """Prompt, negative prompt and `Key: value` settings of an A1111 infotext."""
+    *lines, last = text.strip().split("\n")
+    if len(_INFOTEXT_PARAM.findall(last)) < _MIN_PARAMS:
+        lines.append(last)
+        last = ""
+    prompt: list[str] = []
+    negative: list[str] = []
+    in_negative = False
+    for line in lines:
+        if line.startswith("Negative prompt:"):
+            in_negative, line = True, line[len("Negative prompt:") :].strip()
+        (negative if in_negative else prompt).append(line)
+    params: dict[str, str] = {}
+    for key, value in _INFOTEXT_PARAM.findall(last):
+        params[key.strip()] = _unquote(value).strip()
+    return SampleInfo(
+        prompt="\n".join(prompt).strip(), negative_prompt="\n".join(negative).strip(), params=params
+    )
+
+
+def _unquote(value: str) -> str:
+    """A1111 writes a value holding `,` `:` or a newline as a JSON string."""
+    if len(value) >= 2 and value.startswith('"') and value.endswith('"'):
+        try:
+            return str(json.loads(value))
+        except ValueError:
+            return value
+    return value
+
+
+def read_sample_info(image: Path) -> SampleInfo:
+    """A sample's settings from its infotext; the prompt from its `.txt` when there is one.
+
+    The `.txt` is what the trainer's own prompt file would hold, so it wins over the infotext.
+    An image without metadata (written by something else) still gets a row, with what is known.
+    """
+    image = Path(image)
+    try:
+        text = read_infotext(image)
+    except OSError as error:
+        logger.warning("cannot read the settings of %s: %s", image, error)
+        text = None
+    info = parse_infotext(text) if text else SampleInfo(prompt="")
+    prompt_file = image.with_suffix(".txt")
+    try:
+        prompt = prompt_file.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        prompt = ""
+    if prompt:
+        info = SampleInfo(prompt=prompt, negative_prompt=info.negative_prompt, params=info.params)
+    return info
+
+
+def step_label(step: int) -> str:
+    """Column header text: `base` for the baseline, else `step 500`."""
+    return "base" if step == BASELINE_STEP else f"step {step}"
+
+
+# ---------------------------------------------------------------------------------
+# Thumbnails
+# ---------------------------------------------------------------------------------
+
+
+def thumbnail_path(samples_dir: Path, image: Path) -> Path:
+    """`SAMPLES_DIR/.thumbs/step_000500/sample_00.webp` for `SAMPLES_DIR/step_000500/sample_00.png`."""
+    return Path(samples_dir) / THUMBS_DIR / image.parent.name / f"{image.stem}.webp"
+
+
+def ensure_thumbnail(samples_dir: Path, image: Path) -> Path:
+    """The thumbnail of `image`, made (atomically) only when missing or older than the image."""
+    thumb = thumbnail_path(samples_dir, image)
+    if thumb.is_file() and thumb.stat().st_size > 0 and _mtime(thumb) >= _mtime(image):
+        return thumb
+    with Image.open(image) as source:
+        source.draft("RGB", (THUMB_SIZE_PX, THUMB_SIZE_PX))  # JPEG: decode at reduced size
+        small = source.convert("RGBA" if "A" in source.getbands() else "RGB")
+    small.thumbnail((THUMB_SIZE_PX, THUMB_SIZE_PX), Image.Resampling.LANCZOS)  # never enlarges
+    buffer = io.BytesIO()
+    small.save(buffer, format="WEBP", quality=THUMB_QUALITY)
+    _replace_file(thumb, buffer.getvalue())
+    return thumb
+
+
+def _replace_file(path: Path, data: bytes) -> None:
+    """Temp file + `os.replace`, without `output.atomic_write`'s fsyncs: a thumbnail is a cache
+    (a thousand fsyncs would make the first build slow), and one lost to a crash is made again."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.{secrets.token_hex(6)}{TEMP_SUFFIX}")
+    try:
+        temp.write_bytes(data)
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+
+
+def remove_orphan_thumbnails(samples_dir: Path, samples: Mapping[int, Mapping[int, Path]]) -> int:
+    """Delete thumbnails whose image is gone (a step re-rendered in another format, a step removed)."""
+    root = Path(samples_dir) / THUMBS_DIR
+    if not root.is_dir():
+        return 0
+    wanted = {thumbnail_path(samples_dir, image) for images in samples.values() for image in images.values()}
+    removed = 0
+    for folder in root.iterdir():
+        if not folder.is_dir():
+            continue
+        for thumb in folder.iterdir():
+            if thumb.suffix == ".webp" and thumb not in wanted:
+                thumb.unlink(missing_ok=True)
+                removed += 1
+        if not any(folder.iterdir()):
+            folder.rmdir()
+    return removed
+
+
+# ---------------------------------------------------------------------------------
+# The page
+# ---------------------------------------------------------------------------------
+
+_CSS = """
+:root { --thumb: 160px; color-scheme: dark; }
+* { box-sizing: border-box; }
+body { margin: 0; background: #15161a; color: #e6e6e6; font: 13px/1.4 system-ui, sans-serif; }
+header { padding: 8px 12px; display: flex; gap: 16px; align-items: center; flex-wrap: wrap; }
+header h1 { font-size: 15px; margin: 0; font-weight: 600; }
+header .meta { color: #9a9aa3; }
+.scroll { overflow: auto; height: calc(100vh - 44px); }
+table { border-collapse: separate; border-spacing: 0; }
+th, td { padding: 4px; vertical-align: top; border-right: 1px solid #26272d;
+  border-bottom: 1px solid #26272d; }
+thead th { position: sticky; top: 0; z-index: 2; background: #1d1e23; font-weight: 600;
+  white-space: nowrap; text-align: center; }
+thead th a { color: inherit; }
+th.prompt { position: sticky; left: 0; z-index: 1; background: #1d1e23; text-align: left;
+  font-weight: normal; width: 300px; min-width: 300px; max-width: 300px; }
+thead th.prompt { z-index: 3; }
+th.base { background: #24262e; }
+.idx { color: #9a9aa3; font-variant-numeric: tabular-nums; }
+.text { white-space: pre-wrap; overflow-wrap: anywhere; max-height: 9.8em; overflow: auto; }
+.neg { color: #d49a9a; white-space: pre-wrap; overflow-wrap: anywhere; max-height: 4.2em;
+  overflow: auto; }
+.settings { color: #9a9aa3; font-size: 12px; margin-top: 2px; }
+td { min-width: calc(var(--thumb) + 8px); }
+td img { display: block; width: var(--thumb); height: var(--thumb); object-fit: contain; }
+td.missing { color: #55565e; text-align: center; vertical-align: middle; }
+""".strip()
+
+# Optional: a slider for the thumbnail size. The page is complete without it.
+_JS = """
+const slider = document.getElementById("zoom");
+slider.hidden = false;
+slider.addEventListener("input", () => {
+  document.documentElement.style.setProperty("--thumb", slider.value + "px");
+});
+""".strip()
+_SCRIPT_BODY = f"\n{_JS}\n"  # exactly what stands between the tags: the policy hashes it
+
+
+def _csp(script: str) -> str:
+    """A policy that allows only this page's own script and images from its folder, so nothing
+    in a prompt can run and the page never reaches the network."""
+    digest = base64.b64encode(hashlib.sha256(script.encode("utf-8")).digest()).decode("ascii")
+    return (
+        "default-src 'none'; img-src 'self' file:; style-src 'unsafe-inline'; "
+        f"script-src 'sha256-{digest}'; base-uri 'none'; form-action 'none'"
+    )
+
+
+def _settings_text(info: SampleInfo) -> str:
+    shown = [f"{label} {info.params[key]}" for key, label in _SHOWN_SETTINGS if info.params.get(key)]
+    return " · ".join(shown)
+
+
+def _href(samples_dir: Path, path: Path) -> str:
+    """A relative, URL-safe link from `index.html` to `path`."""
+    return html.escape(quote(path.relative_to(samples_dir).as_posix(), safe="/"))
+
+
+def render_page(
+    samples_dir: Path,
+    samples: Mapping[int, Mapping[int, Path]],
+    thumbs: Mapping[Path, Path],
+    infos: Mapping[int, SampleInfo],
+    *,
+    title: str,
+) -> str:
+    """The HTML of the gallery (pure: reads nothing from disk but `grid.png`'s presence)."""
+    steps = list(samples)
+    prompt_indexes = sorted({index for images in samples.values() for index in images})
+    out: list[str] = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f'<meta http-equiv="Content-Security-Policy" content="{_csp(_SCRIPT_BODY)}">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>{html.escape(title)}</title>",
+        f"<style>\n{_CSS}\n</style></head><body>",
+        f"<header><h1>{html.escape(title)}</h1>",
+        f'<span class="meta">{len(prompt_indexes)} prompt(s) × {len(steps)} step(s)</span>',
+        '<label class="meta">thumbnails <input id="zoom" type="range" min="64" max="512" value="160"'
+        " hidden></label></header>",
+        '<div class="scroll"><table id="gallery"><thead><tr><th class="prompt">prompt</th>',
+    ]
+    for step in steps:
+        label = html.escape(step_label(step))
+        css = ' class="base" title="the base model without LoRA"' if step == BASELINE_STEP else ""
+        grid = samples_dir / f"step_{step:06d}" / STEP_GRID_NAME
+        if grid.is_file():
+            label = f'<a href="{_href(samples_dir, grid)}" title="all samples of this step">{label}</a>'
+        out.append(f'<th{css} data-step="{step}">{label}</th>')
+    out.append("</tr></thead><tbody>")
+    for index in prompt_indexes:
+        info = infos.get(index, SampleInfo(prompt=""))
+        negative = (
+            f'<div class="neg">negative: {html.escape(info.negative_prompt)}</div>'
+            if info.negative_prompt
+            else ""
+        )
+        out.append(
+            f'<tr data-prompt="{index}"><th class="prompt"><span class="idx">#{index:02d}</span> '
+            f'<div class="text">{html.escape(info.prompt)}</div>{negative}'
+            f'<div class="settings">{html.escape(_settings_text(info))}</div></th>'
+        )
+        for step in steps:
+            image = samples[step].get(index)
+            if image is None:
+                out.append('<td class="missing" title="not rendered (yet)">missing</td>')
+                continue
+            alt = html.escape(f"#{index:02d} {step_label(step)}")
+            out.append(
+                f'<td><a href="{_href(samples_dir, image)}"><img src="{_href(samples_dir, thumbs[image])}"'
+                f' loading="lazy" alt="{alt}"></a></td>'
+            )
+        out.append("</tr>")
+    out.append(f"</tbody></table></div>\n<script>{_SCRIPT_BODY}</script>\n</body></html>\n")
+    return "\n".join(out)
+
+
+def build_gallery(samples_dir: Path, *, title: str | None = None) -> Path:
+    """Rebuild `SAMPLES_DIR/index.html` (atomically) from what is on disk; returns its path.
+
+    Cheap enough to call after every rendered step: thumbnails are made only for new or changed
+    images, and settings are read from one image per prompt (the latest step's, so a row shows
+    what the newest samples were rendered with).
+    """
+    samples_dir = Path(samples_dir)
+    samples = find_samples(samples_dir)
+    thumbs: dict[Path, Path] = {}
+    latest: dict[int, Path] = {}
+    for images in samples.values():  # steps ascending: the last one seen is the latest
+        for index, image in images.items():
+            try:
+                thumbs[image] = ensure_thumbnail(samples_dir, image)
+            except OSError as error:  # a damaged image must not take the whole page down
+                logger.warning("cannot make a thumbnail of %s: %s", image, error)
+                thumbs[image] = image
+            latest[index] = image
+    removed = remove_orphan_thumbnails(samples_dir, samples)
+    if removed:
+        logger.debug("removed %d stale thumbnail(s)", removed)
+    infos = {index: read_sample_info(image) for index, image in latest.items()}
+    page = render_page(
+        samples_dir,
+        samples,
+        thumbs,
+        infos,
+        title=title or f"{samples_dir.resolve().parent.name or 'sidecar'} samples",
+    )
+    index_path = samples_dir / INDEX_NAME
+    data = page.encode("utf-8")
+    atomic_write(index_path, lambda handle: handle.write(data))
+    logger.info("gallery: %d prompt(s) x %d step(s) in %s", len(infos), len(samples), index_path)
+    return index_path

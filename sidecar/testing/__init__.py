@@ -1,0 +1,1 @@
+"""Offline models and trainer stand-ins for the demo, the tests and the benchmarks."""

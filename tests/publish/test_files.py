@@ -1,0 +1,345 @@
+"""Sample files: paths, atomic writes, A1111 infotext in PNG / JPEG / WebP."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from factories import sample_request
+from PIL import Image
+
+from sidecar.errors import ConfigError
+from sidecar.plan.request import SampleRequest
+from sidecar.publish import files as output
+from sidecar.publish.files import (
+    SamplePaths,
+    infotext,
+    read_infotext,
+    remove_stale_temp_files,
+    sample_paths,
+    step_dir,
+    write_sample,
+)
+
+SDXL_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
+
+REQUEST = sample_request(
+    index=3, prompt="photo of sks dog, on a beach", negative_prompt="blurry, lowres", width=1024, height=768
+)
+FLUX_REQUEST = replace(REQUEST, sampler="flowmatch", guidance_scale=3.5, negative_prompt="")
+
+# A1111's infotext parser (modules/infotext_utils.py `parse_generation_parameters`), reduced.
+A1111_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+
+
+def parse_like_a1111(text: str) -> tuple[str, str, dict[str, str]]:
+    """(prompt, negative prompt, params) the way A1111 reads an infotext."""
+    *lines, last = text.strip().split("\n")
+    if len(A1111_PARAM.findall(last)) < 3:
+        lines.append(last)
+        last = ""
+    prompt, negative, in_negative = [], [], False
+    for line in lines:
+        if line.startswith("Negative prompt:"):
+            in_negative, line = True, line[len("Negative prompt:") :].strip()
+        (negative if in_negative else prompt).append(line)
+    params = {}
+    for key, value in A1111_PARAM.findall(last):
+        value = value.strip()
+        params[key] = json.loads(value) if value.startswith('"') else value
+    return "\n".join(prompt), "\n".join(negative), params
+
+
+def _image(mode: str = "RGB") -> Image.Image:
+    image = Image.new(mode, (32, 24))
+    image.putpixel((1, 1), (200, 10, 10) if mode == "RGB" else (200, 10, 10, 128))
+    return image
+
+
+def _write(tmp_path: Path, request: SampleRequest = REQUEST, **kwargs) -> SamplePaths:
+    options = {"base_model": SDXL_MODEL, "lora_name": "my_lora_000000500.safetensors", "arch": "sdxl"}
+    options.update(kwargs)
+    return write_sample(tmp_path, 500, request, _image(), **options)
+
+
+def _temp_files(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if p.name.endswith(".tmp")]
+
+
+# ---------------------------------------------------------------------------------
+# Paths
+# ---------------------------------------------------------------------------------
+
+
+def test_paths_follow_the_step_and_index_layout(tmp_path):
+    assert step_dir(tmp_path, 500) == tmp_path / "step_000500"
+    assert sample_paths(tmp_path, 500, 3, "png") == SamplePaths(
+        tmp_path / "step_000500" / "sample_03.png", tmp_path / "step_000500" / "sample_03.txt"
+    )
+    assert sample_paths(tmp_path, 0, 12, "JPEG").image.name == "sample_12.jpg"
+    assert sample_paths(tmp_path, 0, 0, "webp").image.name == "sample_00.webp"
+
+
+def test_bad_format_step_or_index_raise_naming_the_argument(tmp_path):
+    with pytest.raises(ConfigError, match=r"`format` must be one of .*got 'gif'"):
+        sample_paths(tmp_path, 1, 0, "gif")
+    with pytest.raises(ValueError, match="`step`"):
+        step_dir(tmp_path, -1)
+    with pytest.raises(ValueError, match="`index`"):
+        sample_paths(tmp_path, 1, -2, "png")
+
+
+# ---------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("image_format", "suffix", "pil_format"),
+    [("png", ".png", "PNG"), ("jpg", ".jpg", "JPEG"), ("webp", ".webp", "WEBP")],
+)
+def test_write_sample_lands_at_its_paths(tmp_path, image_format, suffix, pil_format):
+    paths = _write(tmp_path, image_format=image_format)
+    assert paths == sample_paths(tmp_path, 500, REQUEST.index, image_format)
+    assert paths.image.suffix == suffix
+    with Image.open(paths.image) as image:
+        assert image.format == pil_format and image.size == (32, 24)
+    assert paths.text.read_text(encoding="utf-8") == REQUEST.prompt + "\n"
+    assert sorted(p.name for p in paths.image.parent.iterdir()) == sorted([paths.image.name, paths.text.name])
+
+
+def test_text_is_written_before_the_image(tmp_path, monkeypatch):
+    order = []
+    real_replace = os.replace
+    monkeypatch.setattr(
+        output.os, "replace", lambda src, dst: (order.append(Path(dst).suffix), real_replace(src, dst))
+    )
+    _write(tmp_path)
+    assert order == [".txt", ".png"]
+
+
+def test_failed_rename_leaves_no_image_and_no_temp_file(tmp_path, monkeypatch):
+    real_replace = os.replace
+
+    def replace_text_only(src, dst):
+        if str(dst).endswith(".png"):
+            raise OSError("disk full")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(output.os, "replace", replace_text_only)
+    with pytest.raises(OSError, match="disk full"):
+        _write(tmp_path)
+    paths = sample_paths(tmp_path, 500, REQUEST.index, "png")
+    assert not paths.image.exists()
+    assert _temp_files(tmp_path) == []
+
+
+def test_crash_while_encoding_leaves_no_image(tmp_path, monkeypatch):
+    def half_save(self, fp, *args, **kwargs):
+        fp.write(b"\x89PNG\r\n\x1a\n half an image")
+        raise RuntimeError("killed mid-write")
+
+    monkeypatch.setattr(Image.Image, "save", half_save)
+    with pytest.raises(RuntimeError, match="killed mid-write"):
+        _write(tmp_path)
+    assert not sample_paths(tmp_path, 500, REQUEST.index, "png").image.exists()
+    assert _temp_files(tmp_path) == []
+
+
+def test_failed_rewrite_keeps_the_previous_complete_sample(tmp_path, monkeypatch):
+    first = _write(tmp_path)
+    before = first.image.read_bytes()
+    monkeypatch.setattr(Image.Image, "save", lambda self, fp, *a, **k: (fp.write(b"partial"), 1 / 0))
+    with pytest.raises(ZeroDivisionError):
+        _write(tmp_path, replace(REQUEST, prompt="another prompt"))
+    assert first.image.read_bytes() == before
+
+
+def test_temp_files_of_a_killed_process_are_removed_at_startup(tmp_path):
+    folder = step_dir(tmp_path, 500)
+    folder.mkdir(parents=True)
+    leftovers = [folder / ".sample_03.png.0a1b2c3d4e5f.tmp", folder / ".sample_03.txt.00ff00ff00ff.tmp"]
+    keep = [folder / "sample_03.png", folder / "notes.tmp", folder / ".hidden", tmp_path / "readme.txt"]
+    for path in (*leftovers, *keep):
+        path.write_bytes(b"x")
+    assert remove_stale_temp_files(tmp_path) == 2
+    assert not any(p.exists() for p in leftovers)
+    assert all(p.exists() for p in keep)
+    assert remove_stale_temp_files(tmp_path) == 0
+    assert remove_stale_temp_files(tmp_path / "missing") == 0
+
+
+def test_a_temp_file_left_by_a_kill_is_recognised_as_stale(tmp_path, monkeypatch):
+    def killed(src, dst):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(output.os, "replace", killed)
+    monkeypatch.setattr(Path, "unlink", lambda self, missing_ok=False: None)  # a kill skips the cleanup
+    with pytest.raises(KeyboardInterrupt):
+        _write(tmp_path)
+    monkeypatch.undo()
+    left = _temp_files(tmp_path)
+    assert len(left) == 1 and left[0].read_bytes() == (REQUEST.prompt + "\n").encode()
+    assert remove_stale_temp_files(tmp_path) == 1
+    assert _temp_files(tmp_path) == []
+
+
+def test_rewriting_a_sample_replaces_it(tmp_path):
+    _write(tmp_path, replace(REQUEST, prompt="first prompt"))
+    paths = _write(tmp_path, replace(REQUEST, prompt="second prompt"))
+    files = sorted(p.name for p in paths.image.parent.iterdir())
+    assert files == ["sample_03.png", "sample_03.txt"]
+    assert paths.text.read_text(encoding="utf-8") == "second prompt\n"
+    assert read_infotext(paths.image).startswith("second prompt\n")
+
+
+def test_written_files_get_normal_permissions(tmp_path):
+    paths = _write(tmp_path)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert paths.image.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_rgba_images_are_saved_as_jpeg_and_webp(tmp_path):
+    for image_format in ("jpg", "webp"):
+        paths = write_sample(
+            tmp_path,
+            1,
+            REQUEST,
+            _image("RGBA"),
+            image_format=image_format,
+            base_model="m",
+            lora_name=None,
+            arch="sdxl",
+        )
+        assert read_infotext(paths.image) is not None
+
+
+# ---------------------------------------------------------------------------------
+# Infotext
+# ---------------------------------------------------------------------------------
+
+
+def test_sdxl_infotext_reads_like_a1111():
+    text = infotext(
+        REQUEST, base_model=SDXL_MODEL, lora_name="my_lora_000000500.safetensors", step=500, arch="sdxl"
+    )
+    assert text == (
+        "photo of sks dog, on a beach\n"
+        "Negative prompt: blurry, lowres\n"
+        "Steps: 20, Sampler: Euler a, CFG scale: 7, Seed: 42, Size: 1024x768, "
+        "Model: stabilityai/stable-diffusion-xl-base-1.0, Lora: my_lora_000000500.safetensors, "
+        "Lora strength: 1, Step: 500"
+    )
+
+
+def test_a1111_parser_reads_every_field_back():
+    request = replace(REQUEST, prompt="line one, with comma\nline two", guidance_scale=4.5, strength=0.75)
+    text = infotext(
+        request,
+        base_model="C:/models/sd_xl: base.safetensors",
+        lora_name="a, b.safetensors",
+        step=None,
+        arch="sdxl",
+    )
+    prompt, negative, params = parse_like_a1111(text)
+    assert prompt == request.prompt
+    assert negative == request.negative_prompt
+    assert params == {
+        "Steps": "20",
+        "Sampler": "Euler a",
+        "CFG scale": "4.5",
+        "Seed": "42",
+        "Size": "1024x768",
+        "Model": "sd_xl: base",
+        "Lora": "a, b.safetensors",
+        "Lora strength": "0.75",
+    }
+
+
+def test_karras_samplers_write_a_schedule_type():
+    text = infotext(
+        replace(REQUEST, sampler="k_dpmsolver++"), base_model="m", lora_name=None, step=1, arch="sdxl"
+    )
+    assert "Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7" in text
+
+
+def test_flux_writes_guidance_and_cfg_only_with_true_cfg():
+    plain = infotext(
+        replace(FLUX_REQUEST, negative_prompt="ignored"), base_model="m", lora_name=None, step=10, arch="flux"
+    )
+    assert "Guidance: 3.5" in plain and "CFG scale" not in plain
+    assert "Negative prompt" not in plain  # Flux ignored it: no true CFG
+    true_cfg = replace(FLUX_REQUEST, negative_prompt="blurry", true_cfg_scale=4.0)
+    text = infotext(true_cfg, base_model="m", lora_name=None, step=10, arch="flux")
+    assert "\nNegative prompt: blurry\n" in text
+    assert "Sampler: Euler, CFG scale: 4, Guidance: 3.5, Seed: 42" in text
+
+
+def test_sd3_writes_cfg_scale():
+    text = infotext(
+        replace(FLUX_REQUEST, guidance_scale=4.5), base_model="m", lora_name=None, step=None, arch="sd3"
+    )
+    assert "Sampler: Euler, CFG scale: 4.5, Seed: 42" in text and "Guidance" not in text
+
+
+def test_no_lora_and_no_step_leave_their_fields_out():
+    text = infotext(REQUEST, base_model="m", lora_name=None, step=None, arch="sdxl")
+    assert "Lora" not in text and "Step:" not in text
+
+
+def test_local_model_paths_become_their_name():
+    for base, name in [("/models/flux1-dev.safetensors", "flux1-dev"), ("/models/FLUX.1-dev", "FLUX.1-dev")]:
+        assert f"Model: {name}," in infotext(
+            FLUX_REQUEST, base_model=base, lora_name=None, step=1, arch="flux"
+        )
+
+
+def test_an_unknown_sampler_is_written_as_given():
+    text = infotext(replace(REQUEST, sampler="mystery"), base_model="m", lora_name=None, step=1, arch="sdxl")
+    assert "Sampler: mystery," in text
+
+
+# ---------------------------------------------------------------------------------
+# Round trip through the files
+# ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("image_format", ["png", "jpg", "webp"])
+@pytest.mark.parametrize(
+    "prompt", ["photo of sks dog, on a beach", "東京の夜景, ネオン\nsecond line: “quotes” é"]
+)
+def test_infotext_round_trips(tmp_path, image_format, prompt):
+    request = replace(REQUEST, prompt=prompt)
+    paths = _write(tmp_path, request, image_format=image_format)
+    expected = infotext(
+        request, base_model=SDXL_MODEL, lora_name="my_lora_000000500.safetensors", step=500, arch="sdxl"
+    )
+    assert read_infotext(paths.image) == expected
+    assert paths.text.read_text(encoding="utf-8") == prompt + "\n"
+
+
+@pytest.mark.parametrize("image_format", ["jpg", "webp"])
+def test_exif_user_comment_is_stored_as_a1111_does(tmp_path, image_format):
+    """piexif `UserComment.dump(encoding="unicode")`: `UNICODE\\0` then UTF-16 big-endian."""
+    paths = _write(tmp_path, image_format=image_format)
+    with Image.open(paths.image) as image:
+        raw = image.getexif().get_ifd(0x8769)[0x9286]
+    assert raw[:8] == b"UNICODE\x00"
+    assert raw[8:].decode("utf-16-be") == read_infotext(paths.image)
+
+
+def test_png_uses_the_parameters_text_chunk(tmp_path):
+    paths = _write(tmp_path)
+    with Image.open(paths.image) as image:
+        assert image.info["parameters"] == read_infotext(paths.image)
+
+
+def test_read_infotext_of_an_image_without_metadata_is_none(tmp_path):
+    for name in ("plain.png", "plain.jpg", "plain.webp"):
+        _image().save(tmp_path / name)
+        assert read_infotext(tmp_path / name) is None
