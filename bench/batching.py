@@ -7,9 +7,8 @@ cached by the warm-up, so both sides run the same pipeline work.
 
 from __future__ import annotations
 
-from sidecar.arch import Arch
-
 from bench.common import Figure, Profile, Stats, Workspace, alternate, progress, sample_requests, timed
+from sidecar.arch import Arch
 from sidecar.render.registry import renderer_class
 
 SIZE = "shallow"

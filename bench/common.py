@@ -41,7 +41,7 @@ class Profile:
     archs: tuple[Arch, ...]
     deep: bool  # also the deep variants for overhead, swap and the embedding cache
     detection_checkpoints: int  # with the benchmark's settle setting
-    detection_checkpoints_default: int  # with DaemonSettings' defaults (settle 1 s, idle back-off 1 s)
+    detection_checkpoints_default: int  # with the default `Settings` (settle 1 s, idle back-off 1 s)
     memory_deep: bool  # peak RSS of the deep variants too
     batch_images: int = 4
 

@@ -6,7 +6,7 @@ wait for it to settle, copy and record it, swap its LoRA in and start the first
 pipeline call. One image of one step per checkpoint, so the renders stay short.
 
 Measured twice: with a small settle and idle back-off (the figure with the target), and
-with `DaemonSettings`' defaults (`settle_seconds` 1.0, `poll_interval_seconds` 1.0).
+with the default `Settings` (`settle_seconds` 1.0, `poll_interval_seconds` 1.0).
 """
 
 from __future__ import annotations

@@ -7,8 +7,6 @@ as a renderer without the cache would. The two sides alternate, on the same rend
 
 from __future__ import annotations
 
-from sidecar.arch import Arch
-
 from bench.common import (
     Figure,
     Profile,
@@ -23,6 +21,7 @@ from bench.common import (
     timed,
 )
 from sidecar.app.rendering import render_samples
+from sidecar.arch import Arch
 from sidecar.render.registry import renderer_class
 
 LORA_SEEDS = (1, 2)

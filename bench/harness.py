@@ -1,6 +1,6 @@
 """Both sides of the end-to-end figures: the daemon watching a trainer's folder, and bare diffusers.
 
-`DaemonHarness` runs the real daemon (`run_daemon`, with its watchdog observer) in a
+`DaemonHarness` runs the real daemon (`run_watch`, with its watchdog observer) in a
 thread beside a `SimulatedTrainer` that writes each checkpoint in place, in chunks.
 It timestamps three moments per checkpoint, all on `time.perf_counter`:
 
@@ -23,11 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from sidecar.arch import Arch
-from sidecar.daemon import DaemonSettings, Worker
 
 from bench.common import PROMPTS, TRIGGER, Profile
-from sidecar.app.watch import run_watch as run_daemon
+from sidecar.app.rendering import open_renderer
+from sidecar.app.watch import Daemon, WatchRequest, run_watch
+from sidecar.arch import Arch
 from sidecar.plan.build import build_plan
 from sidecar.plan.config import load_trainer_config
 from sidecar.plan.request import SampleRequest
@@ -96,7 +96,7 @@ def write_config(
 class DaemonHarness:
     """The daemon in a thread, watching the folder a simulated trainer writes into.
 
-    `settle_seconds` / `poll_interval_seconds` of None keep `DaemonSettings`' defaults.
+    `settle_seconds` / `poll_interval_seconds` of None keep the `Settings` defaults.
     Use as a context manager; `save(step, data)` writes one checkpoint and waits for its samples.
     """
 
@@ -118,19 +118,21 @@ class DaemonHarness:
         self.output_dir = folder / "output" / DEMO_NAME
         self.samples_dir = self.output_dir / "samples"
         self.staging = folder / "staging"
-        timing: dict[str, float] = {"abandon_seconds": ABANDON_SECONDS}
-        if settle_seconds is not None:
-            timing["settle_seconds"] = settle_seconds
-        if poll_interval_seconds is not None:
-            timing["poll_interval_seconds"] = poll_interval_seconds
-        self.settings = DaemonSettings(
-            output_dir=self.output_dir, config_path=self.config_path, device="cpu", **timing
+        self.request = WatchRequest(
+            output_dir=self.output_dir,
+            config_path=self.config_path,
+            overrides={
+                "device": "cpu",
+                "abandon_seconds": ABANDON_SECONDS,
+                "settle_seconds": settle_seconds,
+                "poll_interval_seconds": poll_interval_seconds,
+            },
         )
         self.trainer = SimulatedTrainer(model_folder=model_folder, output_dir=self.output_dir, arch=arch)
         self.requests: tuple[SampleRequest, ...] = build_plan(load_trainer_config(self.config_path)).requests
         self._render_starts: list[float] = []
         self._thread = threading.Thread(target=self._run, name="bench-daemon", daemon=True)
-        self._worker: Worker | None = None
+        self._daemon: Daemon | None = None
         self._ready = threading.Event()
         self._error: BaseException | None = None
 
@@ -138,21 +140,20 @@ class DaemonHarness:
 
     def _run(self) -> None:
         try:
-            run_daemon(self.settings, renderer_factory=self._load_renderer, worker_ready=self._on_worker)
+            run_watch(self.request, renderer_factory=self._load_renderer, daemon_ready=self._on_daemon)
         except BaseException as error:  # handed to the main thread in __exit__
             self._error = error
         finally:
             self._ready.set()
 
-    def _on_worker(self, worker: Worker) -> None:
-        self._worker = worker
+    def _on_daemon(self, daemon: Daemon) -> None:
+        self._daemon = daemon
         self._ready.set()
 
-    def _load_renderer(self, config: Any) -> Any:
+    def _load_renderer(self) -> Any:
         """What the daemon's default factory does, plus our render-start timestamps."""
-        from sidecar.app.rendering import open_renderer as load_renderer
-
-        renderer = load_renderer(config, config.sidecar.merged(device="cpu"))
+        config = load_trainer_config(self.config_path)
+        renderer = open_renderer(config, config.sidecar.merged(device="cpu"))
         renderer.on_event = self._on_render_event
         return renderer
 
@@ -172,8 +173,8 @@ class DaemonHarness:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        if self._worker is not None:
-            self._worker.request_stop()
+        if self._daemon is not None:
+            self._daemon.request_stop()
         self._thread.join(DAEMON_JOIN_SECONDS)
         if self._error is not None and exc_info[0] is None:
             raise RuntimeError(f"the daemon failed: {self._error}") from self._error

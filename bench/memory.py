@@ -17,9 +17,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from sidecar.arch import Arch
-
 from bench.common import PROFILES, Figure, Profile, Size, Stats, Workspace, progress
+from sidecar.arch import Arch
 
 CHECKPOINTS = (100, 200)
 MIB = 1024**2

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from sidecar.arch import Arch
 
 from bench.common import (
     Figure,
@@ -32,6 +31,7 @@ from bench.common import (
     timed,
 )
 from bench.harness import BarePipeline, CheckpointTiming, DaemonHarness
+from sidecar.arch import Arch
 from sidecar.publish.files import sample_paths
 
 SETTLE_SECONDS = 0.1

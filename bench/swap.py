@@ -15,8 +15,6 @@ from __future__ import annotations
 import gc
 import time
 
-from sidecar.arch import Arch
-
 from bench.common import (
     Figure,
     Profile,
@@ -30,6 +28,7 @@ from bench.common import (
     ratios,
     timed,
 )
+from sidecar.arch import Arch
 from sidecar.render.registry import renderer_class
 
 TARGET = Target("<=", 0.05)

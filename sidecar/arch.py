@@ -2,7 +2,7 @@
 
 Config parsing, the sample plan and `sidecar check` need the defaults and the
 detection markers below; they must stay fast and work without a model loaded, so
-these facts live here and the renderers in `sidecar/pipelines/` read them.
+these facts live here and the renderers in `sidecar/render/` read them.
 """
 
 from __future__ import annotations

@@ -106,6 +106,19 @@ class SamplesFolder:
             raise ValueError(f"`step` must be a non-negative integer, got {step!r}")
         return self.root / STEP_DIR_FORMAT.format(step=step)
 
+    def step_dirs(self) -> dict[int, Path]:
+        """`{step: folder}` of the step folders present, by step."""
+        found: dict[int, Path] = {}
+        try:
+            entries = list(self.root.iterdir())
+        except OSError:
+            return found
+        for entry in entries:
+            match = STEP_DIR_PATTERN.match(entry.name)
+            if match is not None and entry.is_dir():
+                found[int(match.group(1))] = entry
+        return dict(sorted(found.items()))
+
 
 # --- the settings model ---------------------------------------------------------------
 
@@ -187,8 +200,10 @@ class Settings(Section):
             return type(self).model_validate({**self.model_dump(exclude_unset=True), **given})
         except ValidationError as exc:
             error = exc.errors(include_url=False)[0]
-            name = str(error["loc"][0]) if error["loc"] else "sidecar"
-            message = (
-                describe_error(error) if error["loc"] else str(error["msg"]).removeprefix("Value error, ")
-            )
-            raise ConfigError(f"`--{name.replace('_', '-')}` {message}") from None
+            if not error["loc"]:  # settings that conflict (`_consistent`): no one flag to blame
+                reason = str(error["msg"]).removeprefix("Value error, ")
+                raise ConfigError(
+                    f"the command line and the config's `sidecar:` section together: {reason}"
+                ) from None
+            name = str(error["loc"][0])
+            raise ConfigError(f"`--{name.replace('_', '-')}` {describe_error(error)}") from None

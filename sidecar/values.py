@@ -119,7 +119,7 @@ def as_negative_prompt(value: object) -> str:
 
 
 def as_sampler(value: object) -> str:
-    """A sampler name, lower-cased; sidecar/pipelines/schedulers.py decides if it is valid."""
+    """A sampler name, lower-cased; `sidecar.samplers` decides if it is valid for the architecture."""
     if isinstance(value, str) and value.strip():
         return value.strip().lower()
     raise ValueError(f"must be a sampler name such as 'euler', got {show(value)}")
@@ -188,6 +188,8 @@ def describe_error(error: Mapping[str, Any]) -> str:
     value = error.get("input")
     if kind == "sidecar_value":
         return str(error["msg"])
+    if kind == "value_error":  # a model validator's ValueError: its message says it all
+        return str(error["msg"]).removeprefix("Value error, ")
     if kind == "missing":
         return "is required"
     if kind in ("model_type", "model_attributes_type", "dict_type"):

@@ -118,7 +118,7 @@ def run_demo(workdir: Path, *, arch: Arch = "sdxl", checkpoints: int = 3, device
         raise RuntimeError(f"the simulated trainer failed: {trainer.error}") from trainer.error
     with JobStore(find_job_store(folder), now=time.time()) as store:
         summary = store.status()
-    step_dirs = tuple(sorted(p for p in folder.glob("step_*") if p.is_dir()))
+    step_dirs = tuple(SamplesFolder(folder).step_dirs().values())
     failures = tuple(f"step {f.step}: {f.error}" for f in summary.failures)
     return DemoResult(
         exit_code=code if not failures else 1,

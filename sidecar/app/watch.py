@@ -60,6 +60,10 @@ class WatchRequest:
     stop_after: int | None = None  # exit after rendering this many checkpoints
 
     def __post_init__(self) -> None:
+        for name in ("output_dir", "config_path", "prompts_file"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, Path):
+                object.__setattr__(self, name, Path(value))
         if self.stop_after is not None and self.stop_after < 1:
             raise ValueError(f"`stop_after` must be a positive integer or None, got {self.stop_after!r}")
 

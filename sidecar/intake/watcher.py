@@ -46,7 +46,7 @@ from watchdog.observers.polling import PollingObserver
 
 from sidecar.intake.layouts import Checkpoint, is_excluded_folder, recognise
 
-logger = logging.getLogger("sidecar.watcher")
+logger = logging.getLogger("sidecar.intake")
 
 EventKind = Literal["created", "modified", "closed", "moved", "deleted", "scanned"]
 

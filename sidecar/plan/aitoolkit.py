@@ -74,7 +74,12 @@ def _select_process(processes: object, wanted: int | str | None, locator: YamlLo
 
 
 def _sidecar_settings(raw_sections: list[tuple[object, str]], locator: YamlLocator, base: Path) -> Settings:
-    """Merge `sidecar:` sections (file top level, then the process); relative paths from the config."""
+    """Merge `sidecar:` sections (file top level, then the process); relative paths from the config.
+
+    Each section is checked alone, then merged onto the ones before and checked again, so
+    settings that conflict across sections (`gpu` in one, `share_gpu` in the other) are an
+    error located at the later section.
+    """
     settings = Settings()
     for raw, path in raw_sections:
         if raw is None:
@@ -86,7 +91,7 @@ def _sidecar_settings(raw_sections: list[tuple[object, str]], locator: YamlLocat
             value = updates.get(name)
             if isinstance(value, Path) and not value.is_absolute():
                 updates[name] = base / value
-        settings = settings.model_copy(update=updates)
+        settings = validate(Settings, {**settings.model_dump(exclude_unset=True), **updates}, locator, path)
     return settings
 
 

@@ -214,7 +214,9 @@ def format_plan(config: TrainerConfig, plan: SamplePlan) -> str:
     if config.sidecar.output is not None or config.run_dir is not None:
         folder = str(samples_dir(config.sidecar.output, run_dir=config.run_dir or Path()))
     else:
-        folder = f"{SAMPLES_DIR_NAME}/ in the folder `sidecar watch` watches"
+        folder = (
+            f"{SAMPLES_DIR_NAME}/ in the run folder the checkpoints are in (OUTPUT_DIR for `sidecar watch`)"
+        )
     where = f" ({config.yaml_prefix})" if config.yaml_prefix else ""
     every = f", every {plan.sample_every} steps" if plan.sample_every else ""
     header = [

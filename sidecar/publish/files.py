@@ -273,7 +273,7 @@ def remove_stale_temp_files(samples_dir: Path) -> int:
     if not root.is_dir():
         return 0
     removed = 0
-    for folder in (root, *sorted(p for p in root.glob("step_*") if p.is_dir())):
+    for folder in (root, *SamplesFolder(root).step_dirs().values()):
         for candidate in folder.iterdir():
             if _TEMP_NAME.match(candidate.name) and candidate.is_file():
                 with contextlib.suppress(FileNotFoundError):

@@ -30,7 +30,7 @@ from urllib.parse import quote
 from PIL import Image
 
 from sidecar.publish.files import TEMP_SUFFIX, atomic_write, read_infotext
-from sidecar.settings import BASELINE_STEP, STEP_DIR_PATTERN
+from sidecar.settings import BASELINE_STEP, SamplesFolder
 
 logger = logging.getLogger("sidecar.publish")
 
@@ -69,14 +69,8 @@ def find_samples(samples_dir: Path) -> dict[int, dict[int, Path]]:
     Temp files are hidden (`.sample_00.png.<hex>.tmp`) and never match. Where one sample exists
     in two formats (the config's `format:` changed between runs), the newer file wins.
     """
-    root = Path(samples_dir)
     found: dict[int, dict[int, Path]] = {}
-    if not root.is_dir():
-        return found
-    for folder in root.iterdir():
-        step_match = STEP_DIR_PATTERN.match(folder.name)
-        if step_match is None or not folder.is_dir():
-            continue
+    for step, folder in SamplesFolder(Path(samples_dir)).step_dirs().items():
         images: dict[int, Path] = {}
         for candidate in folder.iterdir():
             sample_match = _SAMPLE_FILE.match(candidate.name)
@@ -86,8 +80,8 @@ def find_samples(samples_dir: Path) -> dict[int, dict[int, Path]]:
             if index not in images or _mtime(candidate) > _mtime(images[index]):
                 images[index] = candidate
         if images:
-            found[int(step_match.group(1))] = dict(sorted(images.items()))
-    return dict(sorted(found.items()))
+            found[step] = dict(sorted(images.items()))
+    return found
 
 
 def _mtime(path: Path) -> float:
@@ -321,7 +315,7 @@ def render_page(
     for step in steps:
         label = html.escape(step_label(step))
         css = ' class="base" title="the base model without LoRA"' if step == BASELINE_STEP else ""
-        grid = samples_dir / f"step_{step:06d}" / STEP_GRID_NAME
+        grid = SamplesFolder(samples_dir).step(step) / STEP_GRID_NAME
         if grid.is_file():
             label = f'<a href="{_href(samples_dir, grid)}" title="all samples of this step">{label}</a>'
         out.append(f'<th{css} data-step="{step}">{label}</th>')

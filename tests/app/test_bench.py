@@ -14,7 +14,6 @@ import sys
 import pytest
 from factories import REPO
 
-REPO_ROOT = REPO
 EXPECTED = {
     "overhead": {"daemon / bare", "(daemon - settle) / bare", "daemon s/checkpoint", "bare s/checkpoint"},
     "swap": {"hot-swap / scratch", "unload+load / scratch", "hot-swap s", "unload+load s", "scratch s"},
@@ -32,7 +31,7 @@ def quick_run(tmp_path_factory) -> tuple[dict, str]:
     results = tmp_path_factory.mktemp("bench") / "results.json"
     done = subprocess.run(
         [sys.executable, "-m", "bench", "--quick", "--results", str(results)],
-        cwd=REPO_ROOT,
+        cwd=REPO,
         capture_output=True,
         text=True,
         timeout=600,

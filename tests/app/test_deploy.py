@@ -1,22 +1,28 @@
-"""The systemd unit, its env file and the supervisor program parse and say what we mean."""
+"""The systemd unit, its env file and the supervisor program verify and run commands sidecar accepts."""
 
 from __future__ import annotations
 
 import configparser
 import re
+import shlex
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
 import pytest
 from factories import REPO
 
+from sidecar.app.watch import _stop_on_signals
+from sidecar.cli import build_parser
+
 DEPLOY = REPO / "deploy"
 UNIT = DEPLOY / "sidecar@.service"
 ENV_EXAMPLE = DEPLOY / "sidecar.env.example"
 SUPERVISOR = DEPLOY / "supervisor-sidecar.conf"
-SIDECAR_BIN = "/opt/sidecar/.venv/bin/sidecar"
-MIN_STOP_SECONDS = 60  # longer than one image
+MIN_STOP_SECONDS = 60  # a 1024 px Flux image with offload can take a minute
+VARIABLE = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*))")
+ENV_LINE = re.compile(r"(#?)([A-Z_][A-Z0-9_]*)=(.*)")
 
 
 def _ini(path: Path) -> configparser.ConfigParser:
@@ -26,52 +32,77 @@ def _ini(path: Path) -> configparser.ConfigParser:
     return parser
 
 
-def test_unit_sections_and_keys():
-    unit = _ini(UNIT)
-    assert unit.sections() == ["Unit", "Service", "Install"]
-    assert "%i" in unit["Unit"]["Description"]
-    assert int(unit["Unit"]["StartLimitIntervalSec"]) > 0
-    assert int(unit["Unit"]["StartLimitBurst"]) > 0
-    service = unit["Service"]
-    assert service["EnvironmentFile"] == "/etc/sidecar/%i.env"
-    assert service["ExecStart"] == f"{SIDECAR_BIN} watch ${{OUTPUT_DIR}} --config ${{CONFIG}} $SIDECAR_ARGS"
-    assert service["Restart"] == "on-failure"
-    assert service["KillSignal"] == "SIGTERM"
-    assert int(service["TimeoutStopSec"]) >= MIN_STOP_SECONDS
-    assert unit["Install"]["WantedBy"] == "multi-user.target"
-
-
-def test_unit_has_user_and_nice_guidance():
-    text = UNIT.read_text()
-    assert re.search(r"^#User=", text, re.MULTILINE)
-    assert re.search(r"^Nice=\d+", text, re.MULTILINE)
-
-
-def _env_keys(path: Path) -> dict[str, str]:
-    values = {}
+def _env_file(path: Path) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """The settings of an EnvironmentFile, and the commented-out alternatives `#KEY=value`."""
+    values: dict[str, str] = {}
+    alternatives: dict[str, list[str]] = {}
     for line in path.read_text().splitlines():
         line = line.strip()
-        if line and not line.startswith("#"):
-            key, sep, value = line.partition("=")
-            assert sep and re.fullmatch(r"[A-Z_][A-Z0-9_]*", key), f"not KEY=value: {line!r}"
-            values[key] = value
-    return values
+        match = ENV_LINE.fullmatch(line)
+        if match and match.group(1):
+            alternatives.setdefault(match.group(2), []).append(match.group(3))
+        elif line and not line.startswith("#"):
+            assert match, f"not KEY=value (systemd EnvironmentFile syntax): {line!r}"
+            values[match.group(2)] = match.group(3)
+    return values, alternatives
 
 
-def test_env_example_defines_what_exec_start_uses():
-    defined = _env_keys(ENV_EXAMPLE)
-    used = set(re.findall(r"\$\{?([A-Z_]+)\}?", _ini(UNIT)["Service"]["ExecStart"]))
-    assert used == {"OUTPUT_DIR", "CONFIG", "SIDECAR_ARGS"}
-    assert used <= set(defined)
-    assert defined["SIDECAR_ARGS"] == "--gpu 1"
-    assert "#SIDECAR_ARGS=--share-gpu 0" in ENV_EXAMPLE.read_text()
+def _systemd_words(command: str, env: dict[str, str]) -> list[str]:
+    """ExecStart as systemd runs it: `${NAME}` is one word, a bare `$NAME` word splits at whitespace."""
+    words: list[str] = []
+    for word in shlex.split(command):
+        bare = re.fullmatch(r"\$([A-Za-z_][A-Za-z0-9_]*)", word)
+        if bare:
+            words += env[bare.group(1)].split()
+        else:
+            words.append(VARIABLE.sub(lambda m: env[m.group(1) or m.group(2)], word))
+    return words
+
+
+def _parse_cli(words: list[str]):
+    """`words` after the program, through sidecar's own parser; fails the test where argparse would exit."""
+    try:
+        return build_parser().parse_args(words)
+    except SystemExit as exc:
+        pytest.fail(f"sidecar's parser refuses {shlex.join(words)!r} (exit {exc.code})")
+
+
+def _console_script() -> str:
+    """The command `pip install` puts in the venv's bin (pyproject's `[project.scripts]`)."""
+    pyproject = (REPO / "pyproject.toml").read_text()
+    scripts = pyproject.split("[project.scripts]", 1)[1].split("\n[", 1)[0]
+    (name,) = re.findall(r'^([\w.-]+)\s*=\s*"sidecar\.cli:main"', scripts, re.MULTILINE)
+    return name
+
+
+def _unit_env_variants() -> list:
+    """The env example as shipped, and with each commented-out alternative of a variable the unit uses."""
+    values, alternatives = _env_file(ENV_EXAMPLE)
+    used = _unit_variables()
+    variants = [pytest.param(values, id="as-shipped")]
+    for key, options in alternatives.items():
+        if key in used:
+            variants += [pytest.param({**values, key: option}, id=f"{key}={option}") for option in options]
+    return variants
+
+
+def _unit_variables() -> set[str]:
+    """The variables the unit's [Service] reads (its own `Environment=` lines define, not read)."""
+    service = _ini(UNIT)["Service"]
+    return {
+        a or b for key, value in service.items() if key != "Environment" for a, b in VARIABLE.findall(value)
+    }
+
+
+# --- systemd --------------------------------------------------------------------
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
 def test_systemd_analyze_verify(tmp_path):
     """systemd's own check; the binary is swapped for one that exists here, as verify checks it."""
+    binary = shlex.split(_ini(UNIT)["Service"]["ExecStart"])[0]
     unit = tmp_path / UNIT.name
-    unit.write_text(UNIT.read_text().replace(SIDECAR_BIN, shutil.which("true") or "/bin/true"))
+    unit.write_text(UNIT.read_text().replace(binary, shutil.which("true") or "/bin/true"))
     result = subprocess.run(
         ["systemd-analyze", "verify", "--man=no", str(unit)], capture_output=True, text=True, timeout=60
     )
@@ -79,15 +110,72 @@ def test_systemd_analyze_verify(tmp_path):
     assert result.stderr.strip() == "", result.stderr  # unknown keys and bad values only warn
 
 
-def test_supervisor_program():
+def test_env_example_defines_every_variable_the_unit_uses():
+    service = _ini(UNIT)["Service"]
+    used = {
+        a or b for key, value in service.items() if key != "Environment" for a, b in VARIABLE.findall(value)
+    }
+    assert used, "the unit reads nothing from its EnvironmentFile"
+    defined, _ = _env_file(ENV_EXAMPLE)
+    assert used <= set(defined), f"used by the unit but not in {ENV_EXAMPLE.name}: {used - set(defined)}"
+
+
+@pytest.mark.parametrize("env", _unit_env_variants())
+def test_unit_exec_start_is_a_watch_command_sidecar_accepts(env):
+    words = _systemd_words(_ini(UNIT)["Service"]["ExecStart"], env)
+    assert Path(words[0]).name == _console_script()
+    args = _parse_cli(words[1:])
+    assert args.command == "watch"
+    assert args.output_dir == Path(env["OUTPUT_DIR"])
+    assert args.config == Path(env["CONFIG"])
+    # SIDECAR_ARGS reaches the parser as options, not as one quoted word, and names a card:
+    # without --gpu or --share-gpu sidecar takes cuda:0, which may be the trainer's
+    assert args.gpu is not None or args.share_gpu is not None
+
+
+# --- supervisor -----------------------------------------------------------------
+
+
+def _supervisor_commands() -> list[str]:
+    """Every program's `command`, and the commented-out alternatives `;command=...`."""
     conf = _ini(SUPERVISOR)
-    programs = [s for s in conf.sections() if s.startswith("program:")]
-    assert programs == ["program:sidecar-myjob"]
-    program = conf[programs[0]]
-    command = program["command"].split()
-    assert command[:2] == [SIDECAR_BIN, "watch"]
-    assert "--config" in command
-    assert program["stopsignal"] == "TERM"
-    assert int(program["stopwaitsecs"]) >= MIN_STOP_SECONDS
-    assert program["autorestart"] in ("true", "unexpected")
-    assert int(program["startretries"]) > 0
+    programs = [conf[s] for s in conf.sections() if s.startswith("program:")]
+    assert programs, f"no [program:...] section in {SUPERVISOR.name}"
+    alternatives = re.findall(r"^;command=(.*)$", SUPERVISOR.read_text(), re.MULTILINE)
+    return [pytest.param(p["command"], id=p.name) for p in programs] + [
+        pytest.param(command, id=f"alternative-{n}") for n, command in enumerate(alternatives, 1)
+    ]
+
+
+@pytest.mark.parametrize("command", _supervisor_commands())
+def test_supervisor_command_is_a_watch_command_sidecar_accepts(command):
+    words = shlex.split(command)
+    assert Path(words[0]).name == _console_script()
+    args = _parse_cli(words[1:])
+    assert args.command == "watch"
+    assert args.config is not None
+    assert args.gpu is not None or args.share_gpu is not None  # never cuda:0 by default
+
+
+# --- stopping -------------------------------------------------------------------
+
+
+def _stop_settings() -> list[tuple[str, str, int]]:
+    """(where, signal name, seconds granted before the kill) for the unit and each program."""
+    service = _ini(UNIT)["Service"]
+    found = [("systemd", service["KillSignal"], int(service["TimeoutStopSec"]))]
+    conf = _ini(SUPERVISOR)
+    for section in (s for s in conf.sections() if s.startswith("program:")):
+        program = conf[section]
+        found.append((section, "SIG" + program["stopsignal"], int(program["stopwaitsecs"])))
+    return found
+
+
+@pytest.mark.parametrize(("where", "name", "seconds"), _stop_settings(), ids=lambda v: str(v))
+def test_stopping_lets_the_daemon_finish_its_image(where, name, seconds):
+    """The stop signal is one the daemon turns into a graceful stop, with time for one image."""
+    stopped: list[bool] = []
+    with _stop_on_signals(lambda: stopped.append(True)):
+        signal.raise_signal(signal.Signals[name])
+    assert stopped == [True], f"{where}: {name} does not stop the daemon gracefully"
+    assert seconds >= MIN_STOP_SECONDS, f"{where}: {seconds} s is shorter than one image may take"

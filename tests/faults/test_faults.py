@@ -1,6 +1,6 @@
 """The fault matrix: what the daemon survives, end to end.
 
-Each test runs the real daemon (`run_daemon`, or a subprocess of it where the process must
+Each test runs the real daemon (`run_watch`, or a subprocess of it where the process must
 die) with the real watchdog observer on a temp folder, beside a simulated trainer writing
 real tiny-SDXL LoRA files, and renders with the tiny SDXL model at 64x64 in 2 steps (the
 50-checkpoint burst at 32x32 in 1 step). Test names say what each case survives.
@@ -22,13 +22,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from sidecar.daemon import DaemonSettings, Worker
 
-from sidecar.app.status import status_report
-from sidecar.app.watch import run_watch as run_daemon
+from sidecar.app.commands import status as status_command
+from sidecar.app.watch import Daemon, WatchRequest, run_watch
 from sidecar.jobs.store import JobStore
-from sidecar.settings import JOBS_FILE_NAME, STATE_FILE_NAME
-from sidecar.settings import SamplesFolder as state_dir
+from sidecar.settings import STATE_FILE_NAME, SamplesFolder
 from sidecar.testing.loras import write_lora
 from sidecar.testing.tiny import save_tiny_model
 from sidecar.testing.trainer import TRAINER_LAYOUTS, SimulatedTrainer, write_trainer_config
@@ -72,19 +70,24 @@ class Run:
         )
 
     @property
-    def db(self) -> Path:
-        return state_dir(self.samples_dir) / JOBS_FILE_NAME
+    def folder(self) -> SamplesFolder:
+        return SamplesFolder(self.samples_dir)
 
-    def settings(self, **changes) -> DaemonSettings:
-        options = {
-            "output_dir": self.output_dir,
-            "config_path": self.config_path,
+    @property
+    def db(self) -> Path:
+        return self.folder.jobs
+
+    def request(self, *, once: bool = False, **changes) -> WatchRequest:
+        """A `sidecar watch` of this run; `changes` override its settings."""
+        settings = {
             "device": "cpu",
             "settle_seconds": SETTLE_SECONDS,
             "abandon_seconds": 3.0,
             "poll_interval_seconds": 0.05,
         }
-        return DaemonSettings(**(options | changes))
+        return WatchRequest(
+            output_dir=self.output_dir, config_path=self.config_path, overrides=settings | changes, once=once
+        )
 
     def beside(self, trainer: Callable[[], None], renderer, **changes) -> int:
         """Run the daemon in this thread while `trainer` runs in another; the daemon's exit code."""
@@ -99,23 +102,23 @@ class Run:
             finally:
                 done.set()
 
-        workers: list[Worker] = []
-        timer = threading.Timer(RUN_LIMIT_SECONDS, lambda: [w.request_stop() for w in workers])
+        daemons: list[Daemon] = []
+        timer = threading.Timer(RUN_LIMIT_SECONDS, lambda: [d.request_stop() for d in daemons])
         thread = threading.Thread(target=train, daemon=True)
         thread.start()
         timer.start()
         try:
-            code = run_daemon(
-                self.settings(**changes),
-                renderer_factory=lambda config: renderer,
+            code = run_watch(
+                self.request(**changes),
+                renderer_factory=lambda: renderer,
                 until=done.is_set,
-                worker_ready=workers.append,
+                daemon_ready=daemons.append,
             )
         finally:
             timer.cancel()
             thread.join(timeout=RUN_LIMIT_SECONDS)
         assert not errors, errors
-        assert not workers[0].stop_requested, f"the daemon was still running after {RUN_LIMIT_SECONDS} s"
+        assert not daemons[0].stop_requested, f"the daemon was still running after {RUN_LIMIT_SECONDS} s"
         return code
 
     def jobs(self) -> dict[int | None, object]:
@@ -133,7 +136,7 @@ class Run:
         return [p for p in self.samples_dir.rglob("*") if p.name.endswith((".tmp", ".partial"))]
 
     def cached_copies(self) -> list[Path]:
-        return list((state_dir(self.samples_dir) / "cache").iterdir())
+        return list(self.folder.cache.iterdir())
 
     def lora_bytes(self, step: int, *, arch_model: Path | None = None, arch: str = "sdxl") -> bytes:
         with tempfile.TemporaryDirectory() as folder:
@@ -208,15 +211,14 @@ DAEMON_SCRIPT = textwrap.dedent(
     """
     import logging, sys
     from pathlib import Path
-    from sidecar.app.watch import run_watch as run_daemon
-    from sidecar.daemon import DaemonSettings
+    from sidecar.app.watch import WatchRequest, run_watch
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    settings = DaemonSettings(
-        output_dir=Path(sys.argv[1]), config_path=Path(sys.argv[2]), device="cpu",
-        settle_seconds=0.2, poll_interval_seconds=0.05,
+    request = WatchRequest(
+        output_dir=Path(sys.argv[1]), config_path=Path(sys.argv[2]),
+        overrides={"device": "cpu", "settle_seconds": 0.2, "poll_interval_seconds": 0.05},
     )
-    sys.exit(run_daemon(settings))
+    sys.exit(run_watch(request))
     """
 )
 
@@ -273,7 +275,7 @@ def test_kill_9_mid_render_then_restart_renders_every_sample_exactly_once(
     before = done_sample_files(run.db)
     assert 1 <= len(before) < 2 * len(prompts), "the kill must land mid-render"
 
-    code = run_daemon(run.settings(once=True), renderer_factory=lambda config: renderer)
+    code = run_watch(run.request(once=True), renderer_factory=lambda: renderer)
 
     assert code == 0
     samples = run.all_samples()
@@ -320,7 +322,7 @@ def test_sigterm_stops_after_the_current_image_with_the_store_consistent(
     assert run.temp_files() == []
     assert len(run.cached_copies()) == 1  # kept for the rest
     assert "stop requested" in log.read_text()
-    assert "not running (last state: stopped" in status_report(run.output_dir)
+    assert "not running (last state: stopped" in status_command(run.output_dir, output=None)
 
 
 # --- pruning, bursts --------------------------------------------------------------------------
@@ -347,7 +349,7 @@ def test_pruned_checkpoints_are_still_rendered_or_recorded_vanished_once(
     assert jobs[100].state == "done" and len(run.images(100)) == len(PROMPTS)
     assert jobs[200].state == "failed" and jobs[200].error.startswith("vanished")
     assert jobs[300].state == "done"
-    run_daemon(run.settings(once=True), renderer_factory=lambda config: renderer)  # a restart
+    run_watch(run.request(once=True), renderer_factory=lambda: renderer)  # a restart
     assert len(run.jobs()) == 3
 
 
@@ -432,6 +434,6 @@ def test_corrupt_truncated_empty_pickle_and_wrong_architecture_files_fail_with_r
     assert "pickle" in jobs[600].error
     assert len(run.images(100)) == len(run.images(700)) == len(PROMPTS)
     assert code == 0  # a watching daemon does not exit non-zero for one bad checkpoint
-    report = status_report(run.output_dir)
+    report = status_command(run.output_dir, output=None)
     assert "failures (5):" in report
-    assert STATE_FILE_NAME in {p.name for p in state_dir(run.samples_dir).iterdir()}
+    assert STATE_FILE_NAME in {p.name for p in run.folder.state.iterdir()}

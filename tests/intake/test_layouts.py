@@ -1,39 +1,19 @@
-"""Recognising trainers' checkpoint files, checking them whole, and deciding when they are ready."""
+"""sidecar/intake/layouts.py: which files are trainers' LoRA checkpoints, and at which step, by path alone.
+
+Whether a recognised file is whole and settled is tests/intake/test_readiness.py; a `pattern`
+without a `step` group is refused when settings are read (tests/test_settings.py).
+"""
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import re
-import struct
-import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-from safetensors.numpy import save_file
 
-from sidecar.errors import CheckpointError, ConfigError
-from sidecar.intake.cache import content_hash
-from sidecar.intake.layouts import Checkpoint, recognise
-from sidecar.intake.readiness import ReadinessTracker, completeness
-from sidecar.intake.steps import progress_from_metadata, resolve_step, step_from_metadata
-from sidecar.weights import MAX_HEADER_BYTES, read_header
+from sidecar.intake.layouts import is_excluded_folder, recognise, run_dir_of
 
 ROOT = Path("/runs/out")
-
-
-def write_lora(path: Path, *, metadata: dict[str, str] | None = None, rows: int = 64) -> bytes:
-    """A small real safetensors file; returns its bytes."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {
-        "lora_unet_down.lora_down.weight": np.ones((rows, 16), dtype=np.float32),
-        "lora_unet_down.lora_up.weight": np.zeros((16, rows), dtype=np.float32),
-        "lora_unet_down.alpha": np.array(8.0, dtype=np.float32),
-    }
-    save_file(tensors, str(path), metadata=metadata)
-    return path.read_bytes()
 
 
 # --- recognise --------------------------------------------------------------------------------
@@ -156,295 +136,50 @@ def test_user_pattern_takes_precedence_and_reads_epoch() -> None:
     assert (found.layout, found.step) == ("ai-toolkit", 500)
 
 
-def test_user_pattern_without_step_group_is_a_config_error() -> None:
-    with pytest.raises(ConfigError, match="`pattern` must have a named group `step`"):
-        recognise(ROOT / "a_1.safetensors", root=ROOT, pattern=re.compile(r"a_(\d+)"))
-
-
 def test_path_outside_root_is_matched_on_its_name() -> None:
     found = recognise(Path("/elsewhere/my_lora_000000500.safetensors"), root=ROOT)
     assert found is not None
     assert found.step == 500
 
 
-# --- header and completeness -------------------------------------------------------------------
+def test_recognise_reads_nothing_from_disk() -> None:
+    """ROOT does not exist: recognition is pure on the path."""
+    assert not ROOT.exists()
+    found = recognise(ROOT / "checkpoint-250/flux_lora.safetensors", root=ROOT)
+    assert found is not None and found.step == 250
 
 
-def test_whole_file_header_is_read(tmp_path: Path) -> None:
-    path = tmp_path / "a.safetensors"
-    write_lora(path, metadata={"ss_steps": "100"})
-    header = read_header(path)
-    assert set(header.tensors) == {
-        "lora_unet_down.lora_down.weight",
-        "lora_unet_down.lora_up.weight",
-        "lora_unet_down.alpha",
-    }
-    assert header.tensors["lora_unet_down.lora_down.weight"].shape == (64, 16)
-    assert header.tensors["lora_unet_down.lora_down.weight"].dtype == "F32"
-    assert header.metadata == {"ss_steps": "100"}
-    assert header.expected_file_bytes == path.stat().st_size
-    check = completeness(path)
-    assert check.whole
-    assert check.size == path.stat().st_size
-    assert check.mtime_ns == path.stat().st_mtime_ns
+@pytest.mark.parametrize(
+    ("name", "excluded"),
+    [
+        ("samples", True),
+        ("Samples", True),
+        ("ema", True),
+        ("logs", True),
+        (".sidecar", True),
+        ("my_lora-step00000100-state", True),
+        ("run_state", True),
+        ("checkpoint-500", False),
+        ("save", False),
+        ("my_lora", False),
+    ],
+)
+def test_excluded_folders(name: str, excluded: bool) -> None:
+    assert is_excluded_folder(name) is excluded
 
 
-def test_truncated_file_is_not_whole_and_says_by_how_much(tmp_path: Path) -> None:
-    path = tmp_path / "a.safetensors"
-    data = write_lora(path)
-    path.write_bytes(data[: len(data) // 2])
-    check = completeness(path)
-    assert not check.whole
-    assert re.search(r"header says \d+ bytes of data, file has \d+", check.reason)
-    with pytest.raises(CheckpointError, match="not a whole safetensors file"):
-        read_header(path)
-
-
-def test_cut_inside_the_header_is_not_whole(tmp_path: Path) -> None:
-    path = tmp_path / "a.safetensors"
-    data = write_lora(path)
-    path.write_bytes(data[:20])
-    check = completeness(path)
-    assert not check.whole
-    assert "header says it is" in check.reason
-    path.write_bytes(data[:5])
-    assert "fewer than the 8-byte header length" in completeness(path).reason
-
-
-def test_zero_byte_file(tmp_path: Path) -> None:
-    path = tmp_path / "a.safetensors"
-    path.write_bytes(b"")
-    check = completeness(path)
-    assert not check.whole
-    assert "empty" in check.reason
-    with pytest.raises(CheckpointError, match="empty"):
-        read_header(path)
-
-
-def test_garbage_header(tmp_path: Path) -> None:
-    path = tmp_path / "a.safetensors"
-    body = b"this is not json at all"
-    path.write_bytes(struct.pack("<Q", len(body)) + body)
-    check = completeness(path)
-    assert not check.whole
-    assert "not JSON" in check.reason
-    with pytest.raises(CheckpointError, match="not JSON"):
-        read_header(path)
-
-
-def test_huge_header_length_is_refused_without_allocating(tmp_path: Path) -> None:
-    path = tmp_path / "a.safetensors"
-    path.write_bytes(struct.pack("<Q", 2**40) + b"{}")
-    started = time.perf_counter()
-    check = completeness(path)
-    assert time.perf_counter() - started < 1.0
-    assert not check.whole
-    assert str(MAX_HEADER_BYTES) in check.reason
-    with pytest.raises(CheckpointError, match="more than"):
-        read_header(path)
-
-
-def test_offsets_out_of_range(tmp_path: Path) -> None:
-    path = tmp_path / "a.safetensors"
-    header = json.dumps({"w": {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}}).encode()
-    path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 8)
-    with pytest.raises(CheckpointError, match="out of range"):
-        read_header(path)
-    assert not completeness(path).whole
-
-
-def test_trailing_bytes_are_not_whole(tmp_path: Path) -> None:
-    path = tmp_path / "a.safetensors"
-    data = write_lora(path)
-    path.write_bytes(data + b"\0" * 16)
-    assert not completeness(path).whole
-    with pytest.raises(CheckpointError, match="declare"):
-        read_header(path)
-
-
-def test_growing_file_is_never_whole_until_the_last_byte(tmp_path: Path) -> None:
-    path = tmp_path / "a.safetensors"
-    data = write_lora(path)
-    for cut in range(0, len(data), max(1, len(data) // 37)):
-        path.write_bytes(data[:cut])
-        assert not completeness(path).whole, cut
-    path.write_bytes(data)
-    assert completeness(path).whole
-
-
-def test_missing_file(tmp_path: Path) -> None:
-    check = completeness(tmp_path / "gone.safetensors")
-    assert not check.exists
-    assert not check.whole
-    with pytest.raises(CheckpointError, match="does not exist"):
-        read_header(tmp_path / "gone.safetensors")
-
-
-def test_pickle_file_is_whole_by_size_only(tmp_path: Path) -> None:
-    path = tmp_path / "a-step00000100.ckpt"
-    path.write_bytes(b"\x80\x04not really a pickle")
-    assert completeness(path).whole
-    assert step_from_metadata(path) is None  # never opened as anything
-
-
-# --- metadata and hash --------------------------------------------------------------------------
-
-
-def test_step_from_kohya_metadata(tmp_path: Path) -> None:
-    path = tmp_path / "my_lora-000003.safetensors"
-    write_lora(path, metadata={"ss_steps": "1200", "ss_epoch": "3", "ss_network_dim": "16"})
-    assert step_from_metadata(path) == 1200
-    found = recognise(path, root=tmp_path)
-    assert found is not None
-    assert found.step is None
-    resolved = resolve_step(found)
-    assert (resolved.step, resolved.epoch) == (1200, 3)
-
-
-def test_step_from_ai_toolkit_training_info(tmp_path: Path) -> None:
-    path = tmp_path / "my_lora.safetensors"
-    info = {"step": 2000, "epoch": 4}
-    write_lora(
-        path, metadata={"training_info": json.dumps(info), "software": json.dumps({"name": "ai-toolkit"})}
-    )
-    assert step_from_metadata(path) == 2000
-    resolved = resolve_step(recognise(path, root=tmp_path))  # type: ignore[arg-type]
-    assert (resolved.step, resolved.epoch, resolved.is_final) == (2000, 4, True)
-
-
-def test_step_from_metadata_absent(tmp_path: Path) -> None:
-    path = tmp_path / "my_lora.safetensors"
-    write_lora(path)
-    assert step_from_metadata(path) is None
-    assert progress_from_metadata({"training_info": "not json", "ss_steps": "x"}) == (None, None)
-
-
-def test_content_hash_streams_the_whole_file(tmp_path: Path) -> None:
-    path = tmp_path / "a.safetensors"
-    data = write_lora(path)
-    assert content_hash(path, chunk_bytes=7) == hashlib.sha256(data).hexdigest()
-
-
-# --- readiness ------------------------------------------------------------------------------------
-
-
-def _set_mtime(path: Path, seconds: int) -> None:
-    """Give each write a distinct mtime: fast test writes can share one."""
-    os.utime(path, ns=(seconds * 10**9, seconds * 10**9))
-
-
-def _checkpoint(path: Path, root: Path) -> Checkpoint:
-    found = recognise(path, root=root)
-    assert found is not None
-    return found
-
-
-def test_slow_in_place_write_becomes_ready_only_when_whole_and_settled(tmp_path: Path) -> None:
-    path = tmp_path / "my_lora_000000500.safetensors"
-    data = write_lora(path, rows=4096)
-    chunk = len(data) // 4
-    tracker = ReadinessTracker(settle_seconds=1.0, abandon_seconds=120.0)
-
-    path.write_bytes(data[:chunk])
-    _set_mtime(path, 1)
-    assert tracker.observe(_checkpoint(path, tmp_path), now=0.0) == "waiting"
-    for step in range(1, 4):  # the trainer appends a chunk every 2 s
-        assert tracker.poll(now=step * 2.0 - 0.5) == []
-        with path.open("ab") as handle:
-            handle.write(data[chunk * step : chunk * (step + 1)] if step < 3 else data[chunk * step :])
-        _set_mtime(path, 1 + step)
-        assert tracker.poll(now=step * 2.0) == []
-    assert completeness(path).whole
-    assert tracker.poll(now=6.5) == []  # whole, but settling since 6.0
-    events = tracker.poll(now=7.0)
-    assert [(e.state, e.checkpoint.step) for e in events] == [("ready", 500)]
-    assert events[0].size == len(data)
-    assert tracker.poll(now=8.0) == []  # reported once
-    assert len(tracker) == 0
-
-
-def test_whole_but_still_changing_file_waits(tmp_path: Path) -> None:
-    path = tmp_path / "my_lora_000000500.safetensors"
-    write_lora(path)
-    _set_mtime(path, 1)
-    tracker = ReadinessTracker(settle_seconds=1.0)
-    tracker.observe(_checkpoint(path, tmp_path), now=0.0)
-    write_lora(path, rows=32)  # rewritten in place, whole again
-    _set_mtime(path, 2)
-    assert tracker.poll(now=0.5) == []
-    assert tracker.poll(now=1.25) == []  # changed when seen at 0.5, settles at 1.5
-    assert [e.state for e in tracker.poll(now=1.5)] == ["ready"]
-
-
-def test_eridiffusion_waits_for_training_state_json(tmp_path: Path) -> None:
-    path = tmp_path / "checkpoint-250/flux_lora.safetensors"
-    write_lora(path)
-    tracker = ReadinessTracker(settle_seconds=1.0)
-    assert tracker.observe(_checkpoint(path, tmp_path), now=0.0) == "waiting"
-    assert tracker.poll(now=5.0) == []  # whole and settled, but no marker
-    (path.parent / "training_state.json").write_text('{"step": 250}')
-    events = tracker.poll(now=6.0)
-    assert [(e.state, e.checkpoint.step) for e in events] == [("ready", 250)]
-
-
-def test_marker_that_never_appears_is_abandoned(tmp_path: Path) -> None:
-    path = tmp_path / "checkpoint-250/sdxl_lora.safetensors"
-    write_lora(path)
-    tracker = ReadinessTracker(settle_seconds=1.0, abandon_seconds=120.0)
-    tracker.observe(_checkpoint(path, tmp_path), now=0.0)
-    assert tracker.poll(now=119.0) == []
-    events = tracker.poll(now=120.0)
-    assert [e.state for e in events] == ["abandoned"]
-    assert "training_state.json never appeared" in events[0].reason
-
-
-def test_truncated_for_good_after_long_stillness(tmp_path: Path) -> None:
-    path = tmp_path / "my_lora_000000500.safetensors"
-    data = write_lora(path)
-    path.write_bytes(data[: len(data) - 10])
-    tracker = ReadinessTracker(settle_seconds=1.0, abandon_seconds=120.0)
-    tracker.observe(_checkpoint(path, tmp_path), now=0.0)
-    assert tracker.poll(now=60.0) == []
-    events = tracker.poll(now=120.0)
-    assert [e.state for e in events] == ["abandoned"]
-    assert events[0].reason.startswith("truncated for good: header says")
-    assert tracker.poll(now=500.0) == []
-
-
-def test_vanished_is_reported_once(tmp_path: Path) -> None:
-    path = tmp_path / "my_lora_000000500.safetensors"
-    write_lora(path)
-    tracker = ReadinessTracker(settle_seconds=1.0)
-    tracker.observe(_checkpoint(path, tmp_path), now=0.0)
-    path.unlink()  # the trainer pruned it (max_step_saves_to_keep)
-    events = tracker.poll(now=0.5)
-    assert [e.state for e in events] == ["vanished"]
-    assert "vanished" in events[0].reason
-    assert tracker.poll(now=1.0) == []
-    assert tracker.poll(now=200.0) == []
-
-
-def test_observing_again_after_a_verdict_starts_over(tmp_path: Path) -> None:
-    path = tmp_path / "my_lora.safetensors"
-    write_lora(path)
-    tracker = ReadinessTracker(settle_seconds=1.0)
-    checkpoint = _checkpoint(path, tmp_path)
-    tracker.observe(checkpoint, now=0.0)
-    assert [e.state for e in tracker.poll(now=1.0)] == ["ready"]
-    tracker.observe(checkpoint, now=10.0)  # the final file was written again
-    assert tracker.poll(now=10.5) == []
-    assert [e.state for e in tracker.poll(now=11.0)] == ["ready"]
-
-
-def test_pickle_checkpoint_becomes_ready_so_it_can_be_refused(tmp_path: Path) -> None:
-    path = tmp_path / "my_lora-step00000100.ckpt"
-    path.write_bytes(b"\x80\x04pickle")
-    tracker = ReadinessTracker(settle_seconds=1.0)
-    tracker.observe(_checkpoint(path, tmp_path), now=0.0)
-    events = tracker.poll(now=1.0)
-    assert [(e.state, e.checkpoint.is_pickle) for e in events] == [("ready", True)]
-
-
-def test_tracker_options_are_checked() -> None:
-    with pytest.raises(ValueError, match="abandon_seconds"):
-        ReadinessTracker(settle_seconds=5.0, abandon_seconds=1.0)
+@pytest.mark.parametrize(
+    ("relative", "run_dir"),
+    [
+        ("my_lora_000000500.safetensors", ""),
+        ("my_lora.safetensors", ""),
+        ("checkpoint-400/pytorch_lora_weights.safetensors", ""),
+        ("checkpoint-250/flux_lora.safetensors", ""),
+        ("save/mylora2024-05-01_12-30-45-save-1200-3-100.safetensors", ""),
+        ("save/my_lora_000000500.safetensors", "save"),  # a folder named save, but no OneTrainer name
+        ("nested/my_lora-step00001200.safetensors", "nested"),
+    ],
+)
+def test_run_dir_of_a_checkpoint(relative: str, run_dir: str) -> None:
+    """The folder the trainer writes the run into: above `checkpoint-N/` and OneTrainer's `save/`."""
+    assert run_dir_of(ROOT / relative) == (ROOT / run_dir if run_dir else ROOT)

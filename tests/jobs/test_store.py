@@ -15,7 +15,7 @@ from factories import REPO, sample_request
 
 from sidecar.errors import CheckpointError
 from sidecar.intake.layouts import Checkpoint
-from sidecar.jobs.policy import MAX_INTERRUPTIONS, retry_delay_seconds, skip_reason
+from sidecar.jobs.policy import MAX_INTERRUPTIONS
 from sidecar.jobs.records import request_fingerprint
 from sidecar.jobs.store import JobStore
 from sidecar.plan.request import SampleRequest
@@ -136,6 +136,28 @@ def test_changed_sample_plan_applies_to_later_checkpoints_only(store: JobStore, 
     assert second is not None
     assert [s.request.prompt for s in second.samples] == ["new prompt #0", "new prompt #1"]
     assert second.samples[0].request == request(0, "new prompt")  # round-trips exactly
+
+
+def test_the_plans_output_options_are_stored_with_the_checkpoint(store: JobStore, tmp_path: Path) -> None:
+    """Publishing uses the format and batch size planned when the checkpoint was added."""
+    options = {"image_format": "jpg", "batch_size": 2}
+    job = add(store, tmp_path, 100, output=options)
+    legacy = add(store, tmp_path, 200)
+    assert job.output == options and legacy.output is None
+    claimed = store.claim_next_checkpoint(1.0)
+    assert claimed is not None
+    assert claimed.checkpoint.output == options
+    assert store.checkpoint(job.id).output == options
+
+
+def test_a_vanished_checkpoint_that_comes_back_takes_the_current_output_options(
+    store: JobStore, tmp_path: Path
+) -> None:
+    gone = store.record_vanished(checkpoint(tmp_path, 100), now=1.0)
+    assert gone.output is None
+    back = add(store, tmp_path, 100, now=2.0, output={"image_format": "webp", "batch_size": 1})
+    assert back.id == gone.id
+    assert back.output == {"image_format": "webp", "batch_size": 1}
 
 
 def test_request_fingerprint_is_stable_and_sensitive() -> None:
@@ -332,32 +354,6 @@ def test_force_unknown_step_names_the_known_ones(store: JobStore, tmp_path: Path
         store.force_render(999, now=1.0)
 
 
-@pytest.mark.parametrize(
-    ("step", "every", "final", "first", "skipped"),
-    [
-        (200, 100, False, False, False),
-        (250, 100, False, False, True),
-        (250, 100, True, False, False),
-        (50, 100, False, True, False),
-        (None, 100, False, False, False),
-        (250, None, False, False, False),
-        (7, 1, False, False, False),
-    ],
-)
-def test_skip_reason_policy(
-    step: int | None, every: int | None, final: bool, first: bool, skipped: bool
-) -> None:
-    reason = skip_reason(step, sample_every=every, is_final=final, is_first=first)
-    assert (reason is not None) == skipped
-    if skipped:
-        assert reason == f"sample_every: step {step} is not a multiple of {every}"
-
-
-def test_skip_reason_rejects_bad_sample_every() -> None:
-    with pytest.raises(ValueError, match="`sample_every` must be a positive integer"):
-        skip_reason(100, sample_every=0, is_final=False, is_first=False)
-
-
 def test_first_checkpoint_is_the_first_that_renders_not_the_first_that_failed(
     store: JobStore, tmp_path: Path
 ) -> None:
@@ -408,10 +404,6 @@ def test_backlog_policy_is_checked(store: JobStore) -> None:
 
 
 # --- failures -----------------------------------------------------------------------------------------
-
-
-def test_retry_delay_doubles() -> None:
-    assert [retry_delay_seconds(n, base_seconds=30.0) for n in (1, 2, 3)] == [30.0, 60.0, 120.0]
 
 
 def test_transient_checkpoint_failure_retries_with_backoff_then_gives_up(
@@ -523,6 +515,22 @@ def test_status_summary(store: JobStore, tmp_path: Path) -> None:
     assert summary.checkpoint_counts == {"pending": 1, "running": 1, "done": 1, "failed": 1, "skipped": 0}
     assert summary.sample_counts == {"pending": 3, "running": 3, "done": 3, "failed": 3, "skipped": 0}
     assert [(f.step, f.error) for f in summary.failures] == [(200, "not a whole safetensors file")]
+
+
+def test_failed_since_counts_checkpoints_that_failed_in_a_run(store: JobStore, tmp_path: Path) -> None:
+    for step in (100, 200, 300):
+        add(store, tmp_path, step)
+    early = store.claim_next_checkpoint(1.0)
+    assert early is not None
+    store.mark_checkpoint_failed(early.checkpoint.id, "corrupt", transient=False, now=1.0)
+    retried = store.claim_next_checkpoint(5.0)
+    assert retried is not None
+    store.mark_checkpoint_failed(retried.checkpoint.id, "CUDA out of memory", transient=True, now=5.0)
+    store.record_vanished(checkpoint(tmp_path, 400), now=6.0)
+    assert store.failed_since(0.0) == 2  # the transient failure is pending a retry, not failed
+    assert store.failed_since(5.0) == 1
+    assert store.failed_since(6.0) == 1
+    assert store.failed_since(6.5) == 0
 
 
 def test_store_options_are_checked(db: Path) -> None:

@@ -1,25 +1,21 @@
-"""sidecar/config.py: real trainer files load; every bad value is located at file:line yaml.path."""
+"""sidecar/plan/config.py and aitoolkit.py: real trainer files load; bad values are located at file:line."""
 
 from __future__ import annotations
 
 import json
 import logging
 import re
-import struct
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 from factories import FIXTURES
-from safetensors.numpy import save_file
-from sidecar.config import read_safetensors_names
 
 from sidecar.errors import ConfigError
 from sidecar.plan.config import TrainerConfig, load_trainer_config
-from sidecar.plan.detect import detect_model_arch
-from sidecar.settings import Settings as SidecarSettings
+from sidecar.plan.request import ModelSource
+from sidecar.settings import samples_dir
 
 
 def variant(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fixture: str, old: str, new: str) -> int:
@@ -84,7 +80,11 @@ def test_aitoolkit_flux_example() -> None:
     assert (sample.width, sample.height, sample.seed, sample.walk_seed) == (1024, 1024, 42, True)
     assert (sample.guidance_scale, sample.neg, sample.format, sample.batch_size) == (4.0, "", "png", 1)
     assert len(sample.items) == 11
-    assert config.default_samples_dir() == Path("output/my_first_flux_lora_v1/samples")
+    assert config.run_dir == Path("output/my_first_flux_lora_v1")
+    assert samples_dir(config.sidecar.output, run_dir=config.run_dir) == Path(
+        "output/my_first_flux_lora_v1/samples"
+    )
+    assert config.log_dir is None
     text = (FIXTURES / "aitoolkit_flux_24gb.yaml").read_text()
     line = text[: text.index("sample_steps: 20")].count("\n") + 1
     assert config.lines["config.process[0].sample.sample_steps"] == line
@@ -98,11 +98,7 @@ def test_eridiffusion_shapes() -> None:
     assert flux.model.clip_l_path.endswith("clip_l.safetensors")
     assert flux.model.t5_path.endswith("encoderonly-fp16.safetensors")
     assert flux.training_folder is None
-    assert flux.default_samples_dir(Path("/runs/x/flux_lora_test_000500.safetensors")) == Path(
-        "/runs/x/samples"
-    )
-    with pytest.raises(ValueError, match="training_folder"):
-        flux.default_samples_dir()
+    assert flux.run_dir is None  # the run folder comes from the watched folder or the checkpoint
 
 
 def test_flat_file_with_quoted_and_flow_values() -> None:
@@ -128,8 +124,10 @@ def test_flat_file_with_quoted_and_flow_values() -> None:
     )
     assert settings.output == FIXTURES.resolve() / "rendered"
     assert settings.log_format == "json" and settings.pattern.startswith("cat-lora")
-    assert config.samples_dir() == settings.output
-    assert config.default_samples_dir() == (FIXTURES / "runs").resolve() / "cat-lora" / "samples"
+    assert settings.compiled_pattern is not None and "step" in settings.compiled_pattern.groupindex
+    assert config.run_dir == (FIXTURES / "runs").resolve() / "cat-lora"
+    assert samples_dir(settings.output, run_dir=config.run_dir) == settings.output
+    assert samples_dir(None, run_dir=config.run_dir) == (FIXTURES / "runs").resolve() / "cat-lora" / "samples"
 
 
 def test_model_may_be_a_bare_string(tmp_path: Path) -> None:
@@ -280,9 +278,15 @@ def test_process_on_flat_file_is_an_error() -> None:
         ),
         (
             "flat.yaml",
-            r"pattern: 'cat-lora-step(\d+)\.safetensors'",
+            r"pattern: 'cat-lora-step(?P<step>\d+)\.safetensors'",
             "pattern: 'step(\\d+'",
             "sidecar.pattern: must be a valid regular expression",
+        ),
+        (
+            "flat.yaml",
+            r"pattern: 'cat-lora-step(?P<step>\d+)\.safetensors'",
+            r"pattern: 'cat-lora-step(\d+)\.safetensors'",
+            "sidecar.pattern: must have a named group `step`",
         ),
         (
             "flat.yaml",
@@ -453,107 +457,65 @@ def test_misspelled_keys_in_sidecar_and_prompt_items(
     assert len(messages) == 3
 
 
-# ------------------------------------------------------------------ sidecar settings
+# ------------------------------------------------------------------ what the later stages read
 
 
-def test_sidecar_section_in_process_overrides_top_level(tmp_path: Path) -> None:
-    path = tmp_path / "train.yaml"
-    path.write_text(
-        "sidecar: {gpu: 1, dtype: fp16, backlog: latest}\n"
+def test_model_source_is_what_the_renderer_loads(tmp_path: Path) -> None:
+    flux = load_trainer_config(FIXTURES / "eri_flux.yaml")
+    source = flux.model_source()
+    assert isinstance(source, ModelSource)
+    assert (source.arch, source.name_or_path, source.quantize, source.low_vram) == (
+        "flux",
+        flux.model.name_or_path,
+        flux.model.quantize,
+        flux.model.low_vram,
+    )
+    assert source.vae_path == flux.model.vae_path
+    assert flux.model.clip_g_path is not None and flux.model.clip_g_path.endswith("GmP-ft.safetensors")
+    assert dict(source.text_encoder_paths) == {
+        "clip_l_path": flux.model.clip_l_path,
+        "clip_g_path": flux.model.clip_g_path,
+        "t5_path": flux.model.t5_path,
+    }
+    sd35 = load_trainer_config(FIXTURES / "eri_sd35.yaml").model_source()
+    assert (sd35.arch, sd35.low_vram) == ("sd3", True)
+    assert sd35.vae_path == "/home/alex/SwarmUI/Models/VAE/sd3_vae.safetensors"
+
+
+def test_log_dir_is_read_once_from_the_process_then_the_job_then_a_flat_file(tmp_path: Path) -> None:
+    """ai-toolkit's TensorBoard folder (`log_dir`): where sidecar puts its samples beside the loss."""
+    nested = (
         "job: extension\n"
         "config:\n"
         "  name: n\n"
+        "  log_dir: /job/logs\n"
         "  process:\n"
         "    - model: {name_or_path: m, arch: sdxl}\n"
-        "      sidecar: {gpu: 2, tensorboard: tb}\n"
+        "      log_dir: /p0/logs\n"
         "      sample: {prompts: [a]}\n"
+        "    - model: {name_or_path: m, arch: sdxl}\n"
+        "      sample: {prompts: [b]}\n"
     )
-    settings = load_trainer_config(path).sidecar
-    assert (settings.gpu, settings.dtype, settings.backlog) == (2, "fp16", "latest")
-    assert settings.tensorboard == tmp_path.resolve() / "tb"
+    path = tmp_path / "nested.yaml"
+    path.write_text(nested)
+    assert load_trainer_config(path, process=0).log_dir == Path("/p0/logs")
+    assert load_trainer_config(path, process=1).log_dir == Path("/job/logs")
+    path.write_text(nested.replace("  log_dir: /job/logs\n", ""))
+    assert load_trainer_config(path, process=1).log_dir is None
+
+    flat = tmp_path / "flat.yaml"
+    flat.write_text("log_dir: /flat\nmodel: {name_or_path: m, arch: sdxl}\nsample: {prompts: [a]}\n")
+    assert load_trainer_config(flat).log_dir == Path("/flat")
+    (tmp_path / "logs").mkdir()  # relative: from the config's folder when it is there
+    flat.write_text("log_dir: logs\nmodel: {name_or_path: m, arch: sdxl}\nsample: {prompts: [a]}\n")
+    assert load_trainer_config(flat).log_dir == (tmp_path / "logs").resolve()
+    flat.write_text("log_dir: elsewhere\nmodel: {name_or_path: m, arch: sdxl}\nsample: {prompts: [a]}\n")
+    assert load_trainer_config(flat).log_dir == Path("elsewhere")  # as given: the trainer's cwd
 
 
-def test_sidecar_settings_merge_cli_overrides() -> None:
-    base = SidecarSettings(gpu=1, dtype="bf16", offload="model")
-    merged = base.merged(gpu=3, dtype=None, offload="sequential", output=Path("out"), pattern=None)
-    assert (merged.gpu, merged.dtype, merged.offload, merged.output) == (3, "bf16", "sequential", Path("out"))
-    assert base.merged() is base
-    assert SidecarSettings().dtype == "auto" and SidecarSettings().offload == "none"
-    assert SidecarSettings().backlog == "all" and SidecarSettings().log_format == "plain"
-    with pytest.raises(ConfigError) as caught:
-        base.merged(share_gpu="lots")
-    assert str(caught.value) == "`--share-gpu` must be a non-negative integer, got 'lots'"
-    with pytest.raises(TypeError, match="colour"):
-        base.merged(colour="red")
-
-
-# ------------------------------------------------------------------ architecture from the model
-
-
-def test_arch_from_diffusers_folder(tmp_path: Path) -> None:
-    folder = tmp_path / "sd35"
-    folder.mkdir()
-    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
-    assert detect_model_arch(folder) == ("sd3", "")
-    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
-    arch, reason = detect_model_arch(folder)
-    assert arch is None and "StableDiffusionPipeline" in reason
-    assert detect_model_arch(tmp_path)[1] == "a folder without model_index.json"
-
-
-def test_arch_from_safetensors_written_by_numpy(tmp_path: Path) -> None:
-    path = tmp_path / "sdxl.safetensors"
-    save_file({"conditioner.embedders.1.model.ln_final.weight": np.zeros(2, dtype=np.float16)}, str(path))
-    assert read_safetensors_names(path) == ["conditioner.embedders.1.model.ln_final.weight"]
-    assert detect_model_arch(path) == ("sdxl", "")
-
-
-def test_arch_from_hand_written_safetensors_header(tmp_path: Path) -> None:
-    header = json.dumps(
-        {
-            "__metadata__": {"format": "pt"},
-            "model.diffusion_model.double_blocks.0.img_attn.qkv.weight": {
-                "dtype": "BF16",
-                "shape": [2, 2],
-                "data_offsets": [0, 8],
-            },
-        }
-    ).encode()
-    path = tmp_path / "flux1-dev.safetensors"
-    path.write_bytes(struct.pack("<Q", len(header)) + header + bytes(8))
-    assert detect_model_arch(path) == ("flux", "")
-    config_path = tmp_path / "train.yaml"
-    config_path.write_text("model: {name_or_path: flux1-dev.safetensors}\nsample: {prompts: [a]}\n")
-    assert load_trainer_config(config_path).arch == "flux"
-
-
-def test_unreadable_safetensors_is_an_unknown_arch(tmp_path: Path) -> None:
-    path = tmp_path / "broken.safetensors"
-    path.write_bytes(b"\x01\x02")
-    arch, reason = detect_model_arch(path)
-    assert arch is None and reason.startswith("not a readable safetensors file")
-    ckpt = tmp_path / "model.ckpt"
-    ckpt.write_bytes(b"pickle")
-    assert detect_model_arch(ckpt) == (None, "only .safetensors single files can be inspected")
-
-
-def test_arch_from_hub_id_in_local_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import huggingface_hub.constants
-
-    repo = tmp_path / "hub" / "models--acme--tiny-xl"
-    snapshot = repo / "snapshots" / "0123abcd"
-    snapshot.mkdir(parents=True)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text("0123abcd")
-    (snapshot / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    assert detect_model_arch("acme/tiny-xl") == ("sdxl", "")
-    assert detect_model_arch("acme/not-cached")[0] is None
-
-
-def test_config_and_prompts_do_not_import_torch() -> None:
+def test_the_plan_stage_does_not_import_torch() -> None:
     code = (
-        "import sys, sidecar.config, sidecar.prompts; "
+        "import sys, sidecar.plan.config, sidecar.plan.aitoolkit, sidecar.plan.build, sidecar.settings; "
         "bad = [m for m in ('torch', 'diffusers') if m in sys.modules]; assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

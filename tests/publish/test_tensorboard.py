@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 from factories import FIXTURES, sample_request
 from PIL import Image
-from sidecar.tensorboard import default_tensorboard_dir, trainer_log_dir
 
 from sidecar.errors import SidecarError
 from sidecar.plan.config import load_trainer_config
@@ -131,48 +130,60 @@ def test_log_dir_rule(tmp_path: Path) -> None:
     )
 
 
-def test_trainer_log_dir_process_then_job_then_flat(tmp_path: Path) -> None:
-    nested = {"config": {"log_dir": "/job/logs", "process": [{"log_dir": "/p0/logs"}, {}]}}
-    assert trainer_log_dir(nested, process_index=0, config_dir=tmp_path) == Path("/p0/logs")
-    assert trainer_log_dir(nested, process_index=1, config_dir=tmp_path) == Path("/job/logs")
-    assert trainer_log_dir({"config": {"process": [{}]}}, process_index=0, config_dir=tmp_path) is None
-    assert trainer_log_dir({"log_dir": "/flat"}, process_index=None, config_dir=tmp_path) == Path("/flat")
-    (tmp_path / "logs").mkdir()  # relative: from the config's folder when it is there
-    assert trainer_log_dir({"log_dir": "logs"}, process_index=None, config_dir=tmp_path) == tmp_path / "logs"
+def test_the_daemon_writes_tensorboard_only_when_asked_or_when_the_trainer_logs(tmp_path: Path) -> None:
+    samples = tmp_path / "samples"
+    assert tensorboard_dir_for(option=None, log_dir=None, name="my_lora", samples_dir=samples) is None
+    assert (
+        tensorboard_dir_for(option=tmp_path / "tb", log_dir=None, name="my_lora", samples_dir=samples)
+        == tmp_path / "tb"
+    )
+    logs = tmp_path / "logs"
+    assert (
+        tensorboard_dir_for(option=None, log_dir=logs, name="my_lora", samples_dir=samples)
+        == logs / "my_lora_samples"
+    )
+    assert (  # `--tensorboard DIR` wins over the trainer's log_dir
+        tensorboard_dir_for(option=tmp_path / "tb", log_dir=logs, name="my_lora", samples_dir=samples)
+        == tmp_path / "tb"
+    )
+    assert tensorboard_dir(log_dir=logs, name="", samples_dir=samples) == logs / "sidecar_samples"
 
 
-def test_default_dir_from_an_ai_toolkit_config(tmp_path: Path) -> None:
+def test_the_log_dir_comes_from_an_ai_toolkit_config(tmp_path: Path) -> None:
+    """TrainerConfig.log_dir, read once at load, is what the rule takes."""
     text = (FIXTURES / "aitoolkit_sdxl.yaml").read_text(encoding="utf-8")
     plain = tmp_path / "plain.yaml"
     plain.write_text(text, encoding="utf-8")
     config = load_trainer_config(plain)
     samples = tmp_path / "output" / config.name / "samples"
-    assert (
-        default_tensorboard_dir(config, samples_dir=samples)
-        == tmp_path / "output" / config.name / "tensorboard"
+    assert config.log_dir is None
+    assert tensorboard_dir(log_dir=config.log_dir, name=config.name, samples_dir=samples) == (
+        tmp_path / "output" / config.name / "tensorboard"
     )
+    where = {"option": None, "name": config.name, "samples_dir": samples}
+    assert tensorboard_dir_for(log_dir=config.log_dir, **where) is None
 
     logged = tmp_path / "logged.yaml"
     logged.write_text(
         text.replace("config:\n", f"config:\n  log_dir: {tmp_path / 'logs'}\n", 1), encoding="utf-8"
     )
     config = load_trainer_config(logged)
-    assert (
-        default_tensorboard_dir(config, samples_dir=samples) == tmp_path / "logs" / f"{config.name}_samples"
-    )
+    assert config.log_dir == tmp_path / "logs"
+    expected = tmp_path / "logs" / f"{config.name}_samples"
+    assert tensorboard_dir(log_dir=config.log_dir, name=config.name, samples_dir=samples) == expected
+    assert tensorboard_dir_for(log_dir=config.log_dir, **where) == expected
 
 
-def test_the_daemon_writes_tensorboard_only_when_asked_or_when_the_trainer_logs(tmp_path: Path) -> None:
+def test_a_relative_log_dir_beside_a_flat_config(tmp_path: Path) -> None:
     samples = tmp_path / "samples"
     plain = tmp_path / "plain.yaml"
     plain.write_text("name: my_lora\nmodel: {name_or_path: x, arch: sdxl}\nsample: {prompts: [a dog]}\n")
-    config = load_trainer_config(plain)
-    assert tensorboard_dir_for(config, samples_dir=samples, option=None) is None
-    assert tensorboard_dir_for(config, samples_dir=samples, option=tmp_path / "tb") == tmp_path / "tb"
-
     logging_trainer = tmp_path / "logs.yaml"
     (tmp_path / "logs").mkdir()
     logging_trainer.write_text(plain.read_text() + "log_dir: logs\n")
     config = load_trainer_config(logging_trainer)
     expected = tmp_path / "logs" / "my_lora_samples"
-    assert tensorboard_dir_for(config, samples_dir=samples, option=None) == expected
+    assert (
+        tensorboard_dir_for(option=None, log_dir=config.log_dir, name=config.name, samples_dir=samples)
+        == expected
+    )

@@ -1,30 +1,16 @@
-"""Device, dtype and memory-mode choice; CUDA is faked except in the tests marked `cuda`."""
+"""Device and dtype choice and the CUDA helpers; CUDA is faked except in the tests marked `cuda`."""
 
 from __future__ import annotations
 
 import logging
 
-import numpy as np
 import pytest
 import torch
 
 from sidecar.errors import SidecarError
 from sidecar.render import devices
 from sidecar.render.devices import is_cuda_oom, resolve_device, resolve_dtype
-from sidecar.render.memory import (
-    GROUP_MIN_FREE_BYTES,
-    HEADROOM_BYTES,
-    MemoryPolicy,
-    apply_memory_mode,
-    choose_memory_mode,
-    component_bytes,
-    next_stronger_mode,
-    park,
-    unpark,
-)
-from sidecar.testing.tiny import build_pipeline
 
-GIB = 1024**3
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
@@ -145,65 +131,7 @@ def test_unknown_dtype():
         resolve_dtype("int8", torch.device("cpu"))
 
 
-# --- choosing and stepping memory modes -----------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("model_gib", "largest_gib", "free_gib", "expected"),
-    [
-        (7, 5, 79, "none"),  # SDXL fp16 on an idle H100
-        (7, 5, 20, "none"),
-        (7, 5, 10, "model"),  # SDXL on a 12 GB card with a desktop on it
-        (34, 24, 79, "none"),  # Flux bf16 on an 80 GB card
-        (34, 24, 40, "model"),  # Flux on a 48 GB card
-        (34, 24, 22, "group"),  # Flux on a 24 GB card
-        (34, 24, 2, "sequential"),
-        (0, 0, 0, "sequential"),
-    ],
-)
-def test_choose_memory_mode_table(model_gib, largest_gib, free_gib, expected):
-    got = choose_memory_mode(model_gib * GIB, free_gib * GIB, largest_component_bytes=largest_gib * GIB)
-    assert got == expected
-
-
-def test_choose_memory_mode_boundaries():
-    model = 10 * GIB
-    exact = int(model * devices.ACTIVATION_FACTOR) + HEADROOM_BYTES
-    assert choose_memory_mode(model, exact) == "none"
-    assert choose_memory_mode(model, exact - 1) == "model"  # largest estimated at 75 %
-    assert choose_memory_mode(model * 10, GROUP_MIN_FREE_BYTES) == "group"
-    assert choose_memory_mode(model * 10, GROUP_MIN_FREE_BYTES - 1) == "sequential"
-    with pytest.raises(ValueError):
-        choose_memory_mode(-1, 0)
-
-
-def test_next_stronger_mode_sequence():
-    assert [next_stronger_mode(m) for m in ("none", "model", "group", "sequential")] == [
-        "model",
-        "group",
-        "sequential",
-        None,
-    ]
-    with pytest.raises(ValueError, match="auto"):
-        next_stronger_mode("auto")
-
-
-def test_memory_policy_steps_down_and_keeps_the_mode(caplog):
-    policy = MemoryPolicy("none")
-    with caplog.at_level(logging.WARNING, logger="sidecar.render"):
-        assert policy.on_oom() == "model"
-    assert "CUDA out of memory with offload=none; retrying with offload=model" in caplog.text
-    assert policy.mode == "model"
-    assert policy.on_oom() == "group"
-    assert policy.on_oom() == "sequential"
-    assert policy.on_oom() is None
-    assert policy.mode == "sequential"
-    assert policy.oom_count == 4
-
-
-def test_memory_policy_refuses_auto():
-    with pytest.raises(ValueError, match="resolve `auto`"):
-        MemoryPolicy("auto")
+# --- CUDA helpers ---------------------------------------------------------------
 
 
 def test_is_cuda_oom():
@@ -220,100 +148,6 @@ def test_is_cuda_oom():
         assert is_cuda_oom(outer)
 
 
-# --- applying modes -------------------------------------------------------------
-
-
-def _render(pipe) -> np.ndarray:
-    generator = torch.Generator().manual_seed(0)
-    result = pipe(
-        prompt="a photo", height=64, width=64, num_inference_steps=2, output_type="np", generator=generator
-    )
-    return result.images
-
-
-def _devices_of(pipe) -> set[str]:
-    return {t.device.type for m in devices.module_components(pipe).values() for t in m.parameters()}
-
-
-def _has_hooks(pipe) -> bool:
-    modules = devices.module_components(pipe).values()
-    return any(hasattr(m, "_hf_hook") or devices.has_group_offload(m) for m in modules)
-
-
-@pytest.fixture(scope="module")
-def sdxl_reference() -> np.ndarray:
-    return _render(build_pipeline("sdxl"))
-
-
-@pytest.mark.parametrize("mode", ["none", "model", "group", "sequential", "auto"])
-def test_every_mode_means_none_on_cpu(mode, sdxl_reference):
-    pipe = build_pipeline("sdxl")
-    assert apply_memory_mode(pipe, mode, torch.device("cpu")) == "none"
-    assert not _has_hooks(pipe)
-    assert not pipe.vae.use_tiling
-    np.testing.assert_array_equal(_render(pipe), sdxl_reference)
-
-
-def test_unknown_mode_is_refused():
-    with pytest.raises(SidecarError, match="`offload` must be one of"):
-        apply_memory_mode(build_pipeline("sdxl"), "disk", torch.device("cpu"))
-
-
-def test_component_bytes_counts_every_module():
-    pipe = build_pipeline("sdxl")
-    sizes = component_bytes(pipe)
-    assert set(sizes) == {"vae", "text_encoder", "text_encoder_2", "unet"}
-    unet_bytes = sum(p.numel() * 4 for p in pipe.unet.parameters())
-    assert sizes["unet"] >= unet_bytes
-
-
-def test_auto_uses_sizes_and_free_memory(monkeypatch):
-    """On a (faked) CUDA card, `auto` resolves from mem_get_info and the pipeline's size."""
-    pipe = build_pipeline("sdxl")
-    placed: list[str] = []
-    monkeypatch.setattr(devices, "_place", lambda pipe, mode, device: placed.append(mode))
-    total = sum(component_bytes(pipe).values())
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (total // 2, 80 * GIB))
-    assert apply_memory_mode(pipe, "auto", torch.device("cuda", 0)) == "sequential"
-    assert pipe.vae.use_tiling  # offload modes tile the VAE decode
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (80 * GIB, 80 * GIB))
-    assert apply_memory_mode(pipe, "auto", torch.device("cuda", 0)) == "none"
-    assert not pipe.vae.use_tiling
-    assert placed == ["sequential", "none"]
-
-
-@pytest.mark.parametrize("mode", ["model", "group", "sequential"])
-def test_park_removes_offload_hooks_and_weights_come_back(mode, sdxl_reference):
-    """The offload plumbing on CPU: hooks installed by each mode are removed by `park`.
-
-    Onload device `cpu` stands in for CUDA; sequential offload is not rendered through
-    here, because accelerate cannot execute on the device `cpu:0` diffusers asks for.
-    """
-    pipe = build_pipeline("sdxl")
-    devices._place(pipe, mode, torch.device("cpu"))
-    assert _has_hooks(pipe)
-    if mode == "sequential":
-        assert "meta" in _devices_of(pipe)  # weights set aside by accelerate
-    else:
-        np.testing.assert_array_equal(_render(pipe), sdxl_reference)
-    park(pipe)
-    assert not _has_hooks(pipe)
-    assert _devices_of(pipe) == {"cpu"}
-    np.testing.assert_array_equal(_render(pipe), sdxl_reference)
-    assert unpark(pipe, torch.device("cpu"), mode) == "none"
-
-
-def test_switching_modes_after_group_offload():
-    """A stronger mode can replace group offload (diffusers refuses to stack them)."""
-    pipe = build_pipeline("sd3")
-    devices._place(pipe, "group", torch.device("cpu"))
-    devices.detach(pipe)
-    devices._place(pipe, "model", torch.device("cpu"))
-    assert any(hasattr(m, "_hf_hook") for m in devices.module_components(pipe).values())
-    park(pipe)
-    assert not _has_hooks(pipe)
-
-
 def test_measurements_are_zero_on_cpu():
     cpu = torch.device("cpu")
     devices.reset_peak(cpu)
@@ -322,23 +156,14 @@ def test_measurements_are_zero_on_cpu():
     assert devices.allocated_bytes(cpu) == 0
 
 
+def test_cuda_uuid_is_none_for_a_card_torch_cannot_see(fake_cuda):
+    fake_cuda["count"] = 0
+    assert devices.cuda_uuid(0) is None
+    fake_cuda["count"] = 2
+    assert devices.cuda_uuid(2) is None
+
+
 # --- real CUDA ------------------------------------------------------------------
-
-
-@pytest.mark.cuda
-@needs_cuda
-@pytest.mark.parametrize("mode", ["none", "model", "group", "sequential"])
-def test_modes_render_on_cuda_and_park_frees_vram(mode):
-    device = resolve_device(device=None, gpu=0)
-    pipe = build_pipeline("sdxl")
-    pipe.to(dtype=resolve_dtype("auto", device))
-    before = devices.allocated_bytes(device)
-    assert apply_memory_mode(pipe, mode, device) == mode
-    images = _render(pipe)
-    assert np.isfinite(images).all()
-    park(pipe, device)
-    assert devices.allocated_bytes(device) <= before
-    assert _devices_of(pipe) == {"cpu"}
 
 
 @pytest.mark.cuda

@@ -1,4 +1,4 @@
-"""sidecar.pipelines.loading: base models and their separate files, offline, errors naming the key."""
+"""sidecar.render.loading: base models and their separate files, offline, errors naming the key."""
 
 from __future__ import annotations
 
@@ -70,7 +70,10 @@ def test_a_key_the_architecture_does_not_use_is_refused(tmp_path, tiny_models):
             r"no such file or folder, nor a hub id in the local cache .* never downloads",
         ),
         ("empty", r"is a folder without model_index.json"),
-        ("model.ckpt", r"pickle files, which sidecar never loads"),
+        (
+            "model.ckpt",
+            r"`model.name_or_path` model.ckpt: `.ckpt` files are pickles, which sidecar never loads",
+        ),
     ],
     ids=["missing-path", "uncached-hub-id", "folder-without-model-index", "pickle"],
 )
@@ -80,8 +83,9 @@ def test_base_model_errors_name_the_key(tmp_path, monkeypatch, source, match):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
     (tmp_path / "empty").mkdir()
     (tmp_path / "model.ckpt").write_bytes(b"\x80\x04pickle")
-    with pytest.raises(ModelError, match=match):
+    with pytest.raises(ModelError, match=match) as info:
         renderer_class("sdxl").from_model(source)
+    assert str(info.value).startswith("`model.name_or_path` "), info.value
 
 
 def test_missing_vae_file_names_its_key(tmp_path, tiny_models):

@@ -15,8 +15,8 @@ import torch
 from diffusers import DiffusionPipeline
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from sidecar.arch import ARCH_SPECS
 
+from sidecar.arch import ARCH_SPECS
 from sidecar.errors import CheckpointError, LoraError
 from sidecar.plan.request import SampleRequest
 from sidecar.render.adapters.lora_files import (

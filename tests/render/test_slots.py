@@ -1,216 +1,50 @@
-"""Slot probes and the gate, with a fake NVML and real files and locks."""
+"""Slot probes and the gate, with real files and locks and a scripted probe (NVML: test_nvml.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
-import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
-from sidecar.errors import SidecarError
-from sidecar.render import slots
-from sidecar.render.nvml import NvmlProbe, nvml_index_for_cuda
 from sidecar.render.slots import (
     AllOpen,
     AlwaysOpen,
     FileProbe,
     SlotClosedError,
     SlotGate,
-    SlotProbe,
     build_probe,
 )
 
-GIB = 1024**3
-OWN_PID = 4242
-TRAINER_PID = 1234
 
+class ScriptedProbe:
+    """A probe whose answer the test sets; records when it was asked and whether it is held."""
 
-class FakeNvmlError(Exception):
-    pass
+    def __init__(self, is_open: bool = True, reason: str = "scripted") -> None:
+        self.answer = is_open
+        self.reason = reason
+        self.asked: list[float] = []
+        self.held = False
 
+    def is_open(self, now: float) -> bool:
+        self.asked.append(now)
+        return self.answer
 
-class FakeNvml:
-    """Just the pynvml calls sidecar makes, over a dict of cards."""
+    def describe(self) -> str:
+        return self.reason
 
-    NVMLError = FakeNvmlError
-
-    def __init__(self, cards: int = 1, *, free_bytes: int = 80 * GIB) -> None:
-        self.processes: dict[int, list[SimpleNamespace]] = {i: [] for i in range(cards)}
-        self.free = {i: free_bytes for i in range(cards)}
-        self.uuids = [f"GPU-0000000{i}-aaaa-bbbb-cccc-dddddddddddd" for i in range(cards)]
-        self.inits = 0
-        self.fail = False
-
-    def nvmlInit(self) -> None:
-        self.inits += 1
-
-    def nvmlShutdown(self) -> None:
-        self.inits -= 1
-
-    def nvmlDeviceGetCount(self) -> int:
-        return len(self.processes)
-
-    def nvmlDeviceGetHandleByIndex(self, index: int) -> int:
-        return index
-
-    def nvmlDeviceGetUUID(self, handle: int) -> bytes:
-        return self.uuids[handle].encode()  # old pynvml returns bytes
-
-    def nvmlDeviceGetComputeRunningProcesses(self, handle: int) -> list[SimpleNamespace]:
-        if self.fail:
-            raise FakeNvmlError("GPU is lost")
-        return list(self.processes[handle])
-
-    def nvmlDeviceGetMemoryInfo(self, handle: int) -> SimpleNamespace:
-        return SimpleNamespace(free=self.free[handle], total=80 * GIB, used=80 * GIB - self.free[handle])
-
-    def run(self, pid: int, used: int, card: int = 0) -> None:
-        self.processes[card].append(SimpleNamespace(pid=pid, usedGpuMemory=used))
-        self.free[card] -= used
-
-    def stop(self, pid: int, card: int = 0) -> None:
-        for info in [p for p in self.processes[card] if p.pid == pid]:
-            self.processes[card].remove(info)
-            self.free[card] += info.usedGpuMemory
-
-
-@pytest.fixture
-def nvml() -> FakeNvml:
-    return FakeNvml()
-
-
-def _probe(nvml: FakeNvml, **kwargs) -> NvmlProbe:
-    options = {"required_free_bytes": None, "dwell_seconds": 5.0, "own_pids": [OWN_PID], "nvml": nvml}
-    options.update(kwargs)
-    return NvmlProbe(0, label="cuda:0", **options)
-
-
-# --- NVML -----------------------------------------------------------------------
-
-
-def test_probes_satisfy_the_protocol(nvml, tmp_path):
-    for probe in (_probe(nvml), FileProbe(tmp_path / "x"), AlwaysOpen()):
-        assert isinstance(probe, SlotProbe)
-
-
-def test_foreign_process_closes_and_dwell_reopens(nvml):
-    probe = _probe(nvml)
-    nvml.run(TRAINER_PID, 30 * GIB)
-    assert not probe.is_open(0.0)
-    assert probe.describe().startswith(f"waiting for a slot: process {TRAINER_PID}")
-    assert "is using cuda:0 (30.0 GiB)" in probe.describe()
-
-    nvml.stop(TRAINER_PID)
-    assert not probe.is_open(10.0)  # clear, but not for long enough yet
-    assert "slot opening" in probe.describe()
-    assert not probe.is_open(14.9)
-    assert probe.is_open(15.0)
-    assert probe.describe() == "slot open: no other compute process on cuda:0"
-
-
-def test_a_blip_restarts_the_dwell_clock(nvml):
-    probe = _probe(nvml)
-    assert not probe.is_open(0.0)
-    nvml.run(TRAINER_PID, GIB)
-    assert not probe.is_open(3.0)
-    nvml.stop(TRAINER_PID)
-    assert not probe.is_open(4.0)
-    assert not probe.is_open(8.0)
-    assert probe.is_open(9.0)
-    nvml.run(TRAINER_PID, GIB)
-    assert not probe.is_open(9.5)  # closing is immediate
-
-
-def test_own_process_is_not_foreign(nvml):
-    probe = _probe(nvml, dwell_seconds=0.0)
-    nvml.run(OWN_PID, 2 * GIB)  # our CUDA context and a parked pipeline's leftovers
-    assert probe.is_open(0.0)
-
-
-def test_default_own_pid_is_this_process(nvml):
-    probe = NvmlProbe(0, required_free_bytes=None, dwell_seconds=0.0, nvml=nvml)
-    nvml.run(os.getpid(), GIB)
-    assert probe.is_open(0.0)
-
-
-def test_enough_free_memory_opens_beside_a_foreign_process(nvml):
-    probe = _probe(nvml, required_free_bytes=20 * GIB, dwell_seconds=2.0)
-    nvml.run(TRAINER_PID, 70 * GIB)
-    assert not probe.is_open(0.0)
-    assert "10.0 GiB free < 20.0 GiB needed" in probe.describe()
-    nvml.stop(TRAINER_PID)
-    nvml.run(TRAINER_PID, 40 * GIB)  # the trainer shrank: 40 GiB free now
-    assert not probe.is_open(1.0)
-    assert probe.is_open(3.0)
-    assert "40.0 GiB free beside process 1234" in probe.describe()
-
-
-def test_nvml_failure_closes_the_slot(nvml):
-    probe = _probe(nvml, dwell_seconds=0.0)
-    nvml.fail = True
-    assert not probe.is_open(0.0)
-    assert "NVML query of cuda:0 failed (GPU is lost)" in probe.describe()
-    nvml.fail = False
-    assert probe.is_open(1.0)
-
-
-def test_bad_gpu_index(nvml):
-    probe = NvmlProbe(3, required_free_bytes=None, nvml=nvml)
-    with pytest.raises(SidecarError, match="NVML sees 1 GPU"):
-        probe.is_open(0.0)
-
-
-def test_nvml_that_cannot_start():
-    broken = FakeNvml()
-    broken.nvmlInit = lambda: (_ for _ in ()).throw(FakeNvmlError("Driver Not Loaded"))
-    with pytest.raises(SidecarError, match="NVML cannot start"):
-        NvmlProbe(0, required_free_bytes=None, nvml=broken).is_open(0.0)
-
-
-def test_missing_pynvml_names_the_extra(monkeypatch):
-    monkeypatch.setitem(sys.modules, "pynvml", None)  # makes `import pynvml` fail
-    with pytest.raises(SidecarError, match=r"sidecar\[nvml\]"):
-        NvmlProbe(0, required_free_bytes=None)
-
-
-def test_close_shuts_nvml_down(nvml):
-    probe = _probe(nvml)
-    probe.is_open(0.0)
-    assert nvml.inits == 1
-    probe.close()
-    probe.close()
-    assert nvml.inits == 0
-
-
-def test_nvml_index_follows_cuda_visible_devices(monkeypatch):
-    nvml = FakeNvml(cards=3)
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,0")
-    assert nvml_index_for_cuda(0, nvml=nvml) == 2
-    assert nvml_index_for_cuda(1, nvml=nvml) == 0
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-00000001")
-    assert nvml_index_for_cuda(0, nvml=nvml) == 1
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
-    assert nvml_index_for_cuda(1, nvml=nvml) == 1
-    assert nvml_index_for_cuda(0, nvml=nvml, cuda_uuid="00000002-aaaa-bbbb-cccc-dddddddddddd") == 2
-
-
-def test_build_probe(monkeypatch, tmp_path):
-    nvml = FakeNvml(cards=2)
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
-    assert isinstance(build_probe(share_gpu=None), AlwaysOpen)
-    probe = build_probe(share_gpu=0, nvml=nvml, dwell_seconds=0.0)
-    assert isinstance(probe, NvmlProbe)
-    assert probe.gpu_index == 1
-    assert probe.label == "cuda:0"
-    assert nvml.inits == 0
-    both = build_probe(share_gpu=0, slot_file=tmp_path / "go", nvml=nvml)
-    assert isinstance(both, AllOpen)
-    assert isinstance(build_probe(share_gpu=None, slot_file=tmp_path / "go"), FileProbe)
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        self.held = True
+        try:
+            yield
+        finally:
+            self.held = False
 
 
 # --- files and locks ------------------------------------------------------------
@@ -297,77 +131,144 @@ def test_lock_in_an_unwritable_place_is_a_closed_slot(tmp_path):
 
 
 def test_hold_is_a_no_op_for_markers(tmp_path):
-    with FileProbe(tmp_path / "x").hold(), AlwaysOpen().hold():
-        pass
+    """A marker cannot be held: holding neither creates, locks nor removes it."""
+    marker = tmp_path / "x"
+    probe = FileProbe(marker, mode="absent")
+    assert probe.is_open(0.0)
+    with probe.hold(), AlwaysOpen().hold():
+        assert not marker.exists()
+        marker.touch()  # the trainer's hook is not kept out
+        assert not probe.is_open(1.0)
+    assert marker.exists()
 
 
-# --- combining and gating -------------------------------------------------------
+def test_a_held_lock_keeps_a_second_sidecar_out(tmp_path):
+    """Two daemons sharing one lock file: while one renders, the other's slot is closed."""
+    lock = tmp_path / "gpu0.lock"
+    first, second = FileProbe(lock, mode="lock"), FileProbe(lock, mode="lock")
+    assert first.is_open(0.0) and second.is_open(0.0)
+    with first.hold():
+        assert not second.is_open(1.0)
+        assert second.describe() == f"waiting for a slot: another process holds the lock {lock}"
+        with pytest.raises(SlotClosedError, match="taken between the check and the render"), second.hold():
+            pytest.fail("the second holder entered its render")
+    assert second.is_open(2.0)
+    with second.hold():
+        assert not first.is_open(3.0)
 
 
-def test_all_open_needs_every_probe(nvml, tmp_path):
+# --- combining ------------------------------------------------------------------
+
+
+def test_all_open_needs_every_probe(tmp_path):
     marker = tmp_path / "go"
-    probe = AllOpen([_probe(nvml, dwell_seconds=0.0), FileProbe(marker)])
+    scripted = ScriptedProbe(reason="slot open: scripted")
+    probe = AllOpen([scripted, FileProbe(marker)])
     assert not probe.is_open(0.0)
     assert "go does not exist" in probe.describe()
     marker.touch()
     assert probe.is_open(1.0)
-    nvml.run(TRAINER_PID, GIB)
+    assert probe.describe() == f"slot open: scripted; slot open: {marker} exists"
+    scripted.answer, scripted.reason = False, "waiting for a slot: scripted"
     assert not probe.is_open(2.0)
-    assert f"process {TRAINER_PID}" in probe.describe()
+    assert probe.describe() == "waiting for a slot: scripted"
     with pytest.raises(ValueError):
         AllOpen([])
 
 
-def test_gate_logs_transitions_once(nvml, caplog):
-    gate = SlotGate(_probe(nvml, dwell_seconds=2.0))
-    nvml.run(TRAINER_PID, 30 * GIB)
+def test_all_open_asks_every_probe_even_after_one_is_closed():
+    """Each probe sees every check, so a probe's own clock (NVML's dwell) keeps running."""
+    closed, later = ScriptedProbe(is_open=False), ScriptedProbe()
+    probe = AllOpen([closed, later])
+    assert not probe.is_open(0.0)
+    assert not probe.is_open(1.0)
+    assert later.asked == [0.0, 1.0]
+
+
+def test_all_open_holds_every_lock_or_none(tmp_path):
+    first, second = tmp_path / "a.lock", tmp_path / "b.lock"
+    probe = AllOpen([FileProbe(first, mode="lock"), FileProbe(second, mode="lock")])
+    assert probe.is_open(0.0)
+    with probe.hold():
+        for path in (first, second):
+            assert not FileProbe(path, mode="lock").is_open(1.0), path
+    with open(second) as trainer:
+        fcntl.flock(trainer, fcntl.LOCK_EX)
+        with pytest.raises(SlotClosedError), probe.hold():
+            pytest.fail("entered a render without the second lock")
+        assert FileProbe(first, mode="lock").is_open(2.0)  # the first lock was let go again
+
+
+# --- the gate -------------------------------------------------------------------
+
+
+def test_gate_logs_each_transition_once(caplog):
+    probe = ScriptedProbe(is_open=False, reason="waiting for a slot: trainer busy")
+    gate = SlotGate(probe)
+    assert gate.status(0.0) == "slot not checked yet"
     with caplog.at_level(logging.INFO, logger="sidecar.slots"):
         first = gate.wait_state(0.0)
+        probe.reason = "waiting for a slot: trainer still busy"
         again = gate.wait_state(1.0)
-    assert not first.is_open and first.changed
-    assert not again.changed
-    assert [r.getMessage() for r in caplog.records] == [first.reason]
-    assert "waiting for a slot" in gate.status(30.0) and "(for 30 s)" in gate.status(30.0)
+    assert not first.is_open and first.changed and first.reason == "waiting for a slot: trainer busy"
+    assert not again.is_open and not again.changed  # a new reason alone is no transition
+    assert [r.getMessage() for r in caplog.records] == ["waiting for a slot: trainer busy"]
+    assert gate.status(30.0) == "waiting for a slot: trainer still busy (for 30 s)"
 
     caplog.clear()
-    nvml.stop(TRAINER_PID)
+    probe.answer, probe.reason = True, "slot open: trainer idle"
     with caplog.at_level(logging.INFO, logger="sidecar.slots"):
-        assert not gate.wait_state(40.0).is_open  # dwelling: still closed, reason changes
         opened = gate.wait_state(42.0)
+        assert not gate.wait_state(43.0).changed
     assert opened.is_open and opened.changed
-    assert [r.getMessage() for r in caplog.records] == [
-        "slot opened after 42 s: slot open: no other compute process on cuda:0"
-    ]
+    assert [r.getMessage() for r in caplog.records] == ["slot opened after 42 s: slot open: trainer idle"]
 
     caplog.clear()
-    nvml.run(TRAINER_PID, 30 * GIB)
+    probe.answer, probe.reason = False, "waiting for a slot: trainer back"
     with caplog.at_level(logging.INFO, logger="sidecar.slots"):
         closed = gate.wait_state(50.0, in_checkpoint=True)
     assert not closed.is_open and closed.changed
-    assert (
-        caplog.records[0]
-        .getMessage()
-        .startswith("slot closed mid-checkpoint: finishing the current image, then releasing the GPU")
-    )
+    assert [r.getMessage() for r in caplog.records] == [
+        "slot closed mid-checkpoint: finishing the current image, then releasing the GPU "
+        "(waiting for a slot: trainer back)"
+    ]
 
+    probe.answer = True
+    assert gate.wait_state(60.0).is_open
     caplog.clear()
-    nvml.stop(TRAINER_PID)
-    gate.wait_state(60.0)
-    assert gate.wait_state(62.0).is_open
-    nvml.run(TRAINER_PID, 30 * GIB)
+    probe.answer = False
     with caplog.at_level(logging.INFO, logger="sidecar.slots"):
         gate.wait_state(70.0)
-    assert caplog.records[0].getMessage().startswith("slot closed: waiting for a slot: process 1234")
+    assert [r.getMessage() for r in caplog.records] == ["slot closed: waiting for a slot: trainer back"]
 
 
-def test_gate_always_open():
+def test_first_open_state_is_logged_without_a_wait(caplog):
     gate = SlotGate(AlwaysOpen("cuda:1"))
-    assert gate.status(0.0) == "slot not checked yet"
-    state = gate.wait_state(0.0)
+    with caplog.at_level(logging.INFO, logger="sidecar.slots"):
+        state = gate.wait_state(5.0)
+        assert not gate.wait_state(6.0).changed
     assert state.is_open and state.changed
-    assert not gate.wait_state(1.0).changed
+    assert [r.getMessage() for r in caplog.records] == ["slot opened: always open: rendering on cuda:1"]
+    assert gate.status(7.0) == "always open: rendering on cuda:1 (for 2 s)"
+
+
+def test_only_a_gate_without_share_gpu_or_slot_file_is_always_open(tmp_path):
+    """`always_open` lets the daemon keep the pipeline on the card between renders."""
+    assert SlotGate(build_probe(share_gpu=None)).always_open
+    assert SlotGate(AlwaysOpen()).always_open
+    for mode in ("exists", "absent", "lock"):
+        assert not SlotGate(
+            build_probe(share_gpu=None, slot_file=tmp_path / "x", slot_file_mode=mode)
+        ).always_open
+    assert not SlotGate(ScriptedProbe()).always_open
+
+
+def test_gate_hold_holds_the_probe():
+    probe = ScriptedProbe()
+    gate = SlotGate(probe)
     with gate.hold():
-        pass
+        assert probe.held
+    assert not probe.held
 
 
 def test_gate_hold_uses_the_probe_lock(tmp_path: Path):
@@ -377,6 +278,11 @@ def test_gate_hold_uses_the_probe_lock(tmp_path: Path):
         fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
-def test_process_name_of_this_process():
-    assert slots.process_name(os.getpid())
-    assert slots.process_name(2**22 + 12345) is None
+# --- build_probe ----------------------------------------------------------------
+
+
+def test_build_probe_without_nvml(tmp_path):
+    assert isinstance(build_probe(share_gpu=None), AlwaysOpen)
+    probe = build_probe(share_gpu=None, slot_file=tmp_path / "go", slot_file_mode="absent")
+    assert isinstance(probe, FileProbe)
+    assert (probe.path, probe.mode) == (tmp_path / "go", "absent")

@@ -3,16 +3,14 @@ writers produce files diffusers loads onto the layers they name."""
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 import torch
 from diffusers import DiffusionPipeline
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file
-from sidecar.arch import ARCH_SPECS
 
+from sidecar.arch import ARCH_SPECS
 from sidecar.testing import tiny
 from sidecar.testing.loras import LORA_FORMATS, linear_shapes, sd3_original_name, sgm_unet_name, write_lora
 from sidecar.testing.tiny import (
@@ -26,7 +24,6 @@ from sidecar.testing.tiny import (
 pytestmark = pytest.mark.filterwarnings("ignore:__array:DeprecationWarning")
 
 ARCHS = ("sdxl", "sd3", "flux")
-DEEP_BUILD_SECONDS = 20  # beyond this a deep build would belong under the `slow` mark
 
 
 def load(folder) -> DiffusionPipeline:
@@ -156,13 +153,9 @@ DEEP_COUNTS = {
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_deep_variant_has_the_real_block_counts(arch):
-    started = time.perf_counter()
     pipe = build_pipeline(arch, "deep")
-    seconds = time.perf_counter() - started
     assert block_counts(pipe, arch) == DEEP_COUNTS[arch]
     assert pipe.vae_scale_factor == 8
-    # Measured at ~2.6 s (SDXL) and ~0.1 s on 2 cores; past this, mark the test `slow`.
-    assert seconds < DEEP_BUILD_SECONDS
 
 
 def test_tokenizers_fit_the_text_encoders():
