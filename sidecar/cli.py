@@ -135,6 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("--polling", action="store_true", help="poll instead of inotify (network filesystems)")
     watch.add_argument("--once", action="store_true", help="render what is there, then exit")
     watch.add_argument(
+        "--follow-symlinks",
+        action="store_true",
+        help="also read checkpoints that are symlinks to files outside OUTPUT_DIR (linked-in storage)",
+    )
+    watch.add_argument(
         "--share-gpu",
         type=int,
         default=None,
@@ -253,6 +258,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
         "backlog": args.backlog,
         "pattern": args.pattern,
         "polling": args.polling or None,
+        "follow_symlinks": args.follow_symlinks or None,
         "share_gpu": args.share_gpu,
         "slot_file": args.slot_file,
         "slot_file_mode": args.slot_file_mode,

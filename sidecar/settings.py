@@ -165,6 +165,7 @@ class Settings(Section):
     abandon_seconds: NonNegativeNumber = ABANDON_SECONDS
     poll_interval_seconds: NonNegativeNumber = POLL_INTERVAL_SECONDS
     polling: Flag = False  # watchdog's polling observer (network filesystems)
+    follow_symlinks: Flag = False  # read checkpoints that are symlinks out of the watched folder
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:

@@ -9,9 +9,14 @@ One iteration (`loop_once(now)`), driven by tests with fake time and no threads:
    samples with the plan stored with it, marking each done as its file lands, then
    close the checkpoint, publish the step and drop its cached copy.
 
+A checkpoint whose bytes equal an earlier one's gets its own step all the same: samples
+that checkpoint rendered with the same settings become hard links of its images.
+
 Errors: a `SidecarError` in one checkpoint (corrupt, wrong architecture, LoRA that does
 not apply) fails that checkpoint with its message; `TransientError` and CUDA out of
-memory retry with the store's bounded back-off; anything else is logged with its
+memory retry with the store's bounded back-off; a sample that cannot be written (disk
+full, I/O error) gives the checkpoint back without spending an attempt and waits, with a
+bounded back-off, for writing to work again; anything else is logged with its
 traceback and fails the checkpoint. Signals only set a flag: the render stops after the
 current image, done samples stay done, the rest go back to pending.
 """
@@ -21,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,8 +36,10 @@ from sidecar.app.state import StateFile
 from sidecar.errors import SidecarError, TransientError
 from sidecar.intake.cache import CheckpointCache
 from sidecar.intake.steps import StepCounter
-from sidecar.jobs.records import CheckpointJob, ClaimedCheckpoint
+from sidecar.jobs.policy import write_retry_delay_seconds
+from sidecar.jobs.records import CheckpointJob, ClaimedCheckpoint, SampleJob
 from sidecar.jobs.store import JobStore
+from sidecar.publish.files import SampleWriteError, link_sample
 from sidecar.publish.step import publish_step
 from sidecar.publish.tensorboard import TensorBoardSink
 from sidecar.render.slots import SlotGate
@@ -94,6 +101,7 @@ class Dispatcher:
         self.renderer: Renderer | None = None
         self.rendered_checkpoints = 0  # done during this run
         self._stop_requested = False
+        self._write_failures = 0  # renders in a row whose samples could not be written (disk full)
 
     def request_stop(self) -> None:
         """Stop after the current image. Safe to call from a signal handler: it sets a flag."""
@@ -157,7 +165,8 @@ class Dispatcher:
         output = job.output or self.plans.plan.output_options()  # rows from before v2 stored none
         self.state.set(f"rendering step {step}")
         pending = {sample.request.index: sample for sample in claimed.samples}
-        done = 0
+        to_render = self._link_identical(job, step, claimed.samples)
+        done = len(claimed.samples) - len(to_render)
         started = time.perf_counter()
 
         def on_sample(rendered: RenderedSample) -> None:
@@ -168,22 +177,26 @@ class Dispatcher:
                 done += 1
 
         try:
-            with contextlib.ExitStack() as stack:
-                self._hold_slot(stack)
-                renderer.apply_lora(self.cache.source_of(job.content_hash, job.path))
-                render_samples(
-                    renderer,
-                    [sample.request for sample in claimed.samples],
-                    samples_dir=self.samples_dir,
-                    step=step,
-                    image_format=output["image_format"],
-                    batch_size=output["batch_size"],
-                    should_stop=self._should_pause,
-                    on_sample=on_sample,
-                )
-        except _SlotTaken as error:  # no fault of the checkpoint: back to pending, untouched
-            self.store.finish_checkpoint(job.id, now=self.clock())
+            if to_render:
+                with contextlib.ExitStack() as stack:
+                    self._hold_slot(stack)
+                    renderer.apply_lora(self.cache.source_of(job.content_hash, job.path))
+                    render_samples(
+                        renderer,
+                        [sample.request for sample in to_render],
+                        samples_dir=self.samples_dir,
+                        step=step,
+                        image_format=output["image_format"],
+                        batch_size=output["batch_size"],
+                        should_stop=self._should_pause,
+                        on_sample=on_sample,
+                    )
+        except _SlotTaken as error:  # no fault of the checkpoint: back to pending, no attempt spent
+            self.store.release_claim(job.id, now=self.clock())
             self.state.set(f"waiting for a slot: {error}")
+            return
+        except SampleWriteError as error:  # disk full, I/O error: wait for it to pass, no attempt spent
+            self._wait_to_write(job, step, error)
             return
         except TransientError as error:
             self._fail(job, str(error), transient=True)
@@ -198,6 +211,7 @@ class Dispatcher:
             logger.exception("step %s (%s): unexpected error", step, job.path)
             self._fail(job, f"{type(error).__name__}: {error} (unexpected; see the log)", transient=False)
             return
+        self._write_failures = 0
         finished = self.store.finish_checkpoint(job.id, now=self.clock())
         seconds = time.perf_counter() - started
         if finished.state == "done":
@@ -211,7 +225,57 @@ class Dispatcher:
                 "paused step %s after %s of %s image(s); the rest follow", step, done, len(claimed.samples)
             )
         if finished.state in ("done", "failed") and job.content_hash:
-            self.cache.drop(job.content_hash)
+            self._drop_copy(job.content_hash)
+
+    def _link_identical(self, job: CheckpointJob, step: int, samples: Sequence[SampleJob]) -> list[SampleJob]:
+        """Samples another checkpoint with the same bytes rendered with the same settings become hard
+        links of its images (never merged away: this step gets its own files, with a note); returns
+        the samples still to render."""
+        identical = self.store.identical_done_samples(job.id)
+        left: list[SampleJob] = []
+        linked: list[Path] = []
+        for sample in samples:
+            source = identical.get(sample.request.index)
+            paths = None
+            if source is not None:
+                note = (
+                    f"the checkpoint of step {step} has the same bytes as that of {source.parent.name}; "
+                    f"this image is a hard link of {source.parent.name}/{source.name}, not rendered again"
+                )
+                try:
+                    paths = link_sample(self.samples_dir, step, sample.request, source, note=note)
+                except (OSError, SidecarError) as error:
+                    logger.warning("step %s: cannot link %s (%s); rendering it", step, source, error)
+            if paths is None:
+                left.append(sample)
+                continue
+            self.store.mark_sample_done(sample.id, output_path=paths.image, now=self.clock())
+            linked.append(source)  # type: ignore[arg-type]
+        if linked:
+            sources = sorted({path.parent.name for path in linked})
+            logger.info(
+                "step %s (%s): same checkpoint bytes as %s; %s image(s) are hard links of its images",
+                step,
+                job.path,
+                ", ".join(sources),
+                len(linked),
+            )
+        return left
+
+    def _wait_to_write(self, job: CheckpointJob, step: int, error: SampleWriteError) -> None:
+        """Samples cannot be written (disk full, I/O error): give the checkpoint back and wait, longer
+        each time up to a bound; what was written stays, the rest is rendered once writing works."""
+        self._write_failures += 1
+        delay = write_retry_delay_seconds(self._write_failures)
+        now = self.clock()
+        self.store.release_claim(job.id, now=now, retry_at=now + delay, reason=f"waiting to write: {error}")
+        self.state.set(f"cannot write samples, trying again in {delay:.0f} s: {error}")
+        logger.warning("step %s: %s; trying again in %.0f s", step, error, delay)
+
+    def _drop_copy(self, content_hash: str) -> None:
+        """Drop a cached copy once no checkpoint still to render has those bytes."""
+        if not self.store.content_needed(content_hash):
+            self.cache.drop(content_hash)
 
     def _publish(self, job: CheckpointJob, step: int) -> None:
         """Step grid, gallery, TensorBoard, from the plan stored with the checkpoint.
@@ -236,6 +300,6 @@ class Dispatcher:
         if state == "failed":
             logger.warning("step %s failed: %s", job.step, message)
             if job.content_hash:
-                self.cache.drop(job.content_hash)
+                self._drop_copy(job.content_hash)
         else:
             logger.warning("step %s will be retried: %s", job.step, message)

@@ -16,9 +16,12 @@ the trainer prune the next checkpoint unseen.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
+import os
 import queue
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 from sidecar.errors import SidecarError
@@ -26,7 +29,8 @@ from sidecar.intake.cache import ChangedWhileCopying, CheckpointCache, unusable_
 from sidecar.intake.layouts import Checkpoint
 from sidecar.intake.readiness import ReadinessTracker, ReadyEvent
 from sidecar.intake.steps import StepCounter, resolve_step, step_from_metadata
-from sidecar.intake.watcher import FileEvent, scan_tree
+from sidecar.intake.trust import OutsideWatchedFolder, check_inside
+from sidecar.intake.watcher import FINISHED_KINDS, EventKind, FileEvent, scan_tree
 from sidecar.jobs.store import JobStore
 from sidecar.plan.build import build_plan
 from sidecar.plan.config import TrainerConfig, load_trainer_config
@@ -125,6 +129,8 @@ class Intake:
         plans: PlanSource,
         steps: StepCounter,
         pattern: re.Pattern[str] | None = None,
+        ignore: tuple[Path, ...] = (),
+        follow_symlinks: bool = False,
         settle_seconds: float,
         abandon_seconds: float,
     ) -> None:
@@ -135,10 +141,13 @@ class Intake:
         self.plans = plans
         self.steps = steps
         self.pattern = pattern
+        self.ignore = ignore  # sidecar's own samples folder, where it lies in the output folder
+        self.follow_symlinks = follow_symlinks
         self.tracker = ReadinessTracker(settle_seconds=settle_seconds, abandon_seconds=abandon_seconds)
         self._tracking: set[Path] = set()
         self._copy_failures: dict[Path, int] = {}
         self._known: dict[Path, tuple[int, int]] = {}  # path -> (size, mtime_ns) already recorded
+        self._refused: dict[Path, str] = {}  # symlink -> its target, recorded as outside the folder
         for job in store.checkpoints():
             if job.content_hash is not None and job.size_bytes is not None and job.mtime_ns is not None:
                 self._known[job.path] = (job.size_bytes, job.mtime_ns)
@@ -154,10 +163,17 @@ class Intake:
         """Nothing waits in the event queue or the readiness tracker."""
         return self.events.empty() and not self._tracking
 
+    def waiting(self) -> list[tuple[Path, str]]:
+        """Every file seen but not ready yet, with the reason (for `sidecar status`)."""
+        return self.tracker.waiting()
+
+    def _scan(self, folder: Path, kind: EventKind = "scanned") -> Iterator[FileEvent]:
+        return scan_tree(folder, root=self.output_dir, pattern=self.pattern, ignore=self.ignore, kind=kind)
+
     def rescan(self) -> int:
         """Feed every checkpoint under the output folder in again (sure to miss nothing)."""
         count = 0
-        for event in scan_tree(self.output_dir, root=self.output_dir, pattern=self.pattern):
+        for event in self._scan(self.output_dir):
             self.events.put(event)
             count += 1
         return count
@@ -193,23 +209,39 @@ class Intake:
     def _handle_event(self, event: FileEvent, now: float) -> None:
         if event.is_directory:
             if event.kind in ("created", "moved") and event.path.is_dir():
-                for found in scan_tree(event.path, root=self.output_dir, pattern=self.pattern):
-                    self._observe(found.checkpoint, now)  # type: ignore[arg-type]
+                # a folder renamed into place holds finished files: as good as closed
+                for found in self._scan(event.path, kind=event.kind):
+                    self._observe(found.checkpoint, now, closed=event.kind == "moved")  # type: ignore[arg-type]
             return
-        if event.kind == "deleted" or event.checkpoint is None:
-            return  # a tracked file that is gone is reported by the tracker
-        self._observe(event.checkpoint, now)
+        if event.kind in ("deleted", "failed") or event.checkpoint is None:
+            return  # a tracked file that is gone is reported by the tracker; a failed watcher by watch
+        self._observe(event.checkpoint, now, closed=event.kind in FINISHED_KINDS)
 
-    def _observe(self, checkpoint: Checkpoint, now: float) -> None:
+    def _observe(self, checkpoint: Checkpoint, now: float, *, closed: bool = False) -> None:
         path = checkpoint.path
         if path not in self._tracking:
             known = self._known.get(path)
             if known is not None and known == file_signature(path):
                 return  # already recorded with this content (startup scan, late event)
+            if not self.follow_symlinks and self._outside(checkpoint, now):
+                return
             self._tracking.add(path)
             self.steps.note(checkpoint.step)
             logger.info("seen %s", _describe(checkpoint))
-        self.tracker.observe(checkpoint, now)
+        self.tracker.observe(checkpoint, now, closed=closed)
+
+    def _outside(self, checkpoint: Checkpoint, now: float) -> bool:
+        """A symlink out of the watched folder: recorded failed once per target, never read."""
+        try:
+            check_inside(checkpoint.path, self.output_dir)
+        except OutsideWatchedFolder as error:
+            target = os.path.realpath(checkpoint.path)
+            if self._refused.get(checkpoint.path) != target:
+                self._refused[checkpoint.path] = target
+                self._record_refused(checkpoint, str(error), now)
+            return True
+        self._refused.pop(checkpoint.path, None)
+        return False
 
     # --- verdicts -----------------------------------------------------------------------
 
@@ -235,8 +267,12 @@ class Intake:
         if checkpoint.is_pickle:
             self._record_unusable(checkpoint, checkpoint.pickle_message, now)
             return
+        root = None if self.follow_symlinks else self.output_dir
         try:
-            copy = self.cache.copy_in(checkpoint.path, (verdict.size, verdict.mtime_ns))
+            copy = self.cache.copy_in(checkpoint.path, (verdict.size, verdict.mtime_ns), root=root)
+        except OutsideWatchedFolder as error:  # swapped for a link after it was seen
+            self._record_refused(checkpoint, str(error), now)
+            return
         except FileNotFoundError:
             self._record_vanished(checkpoint, "vanished while it was being read (pruned?)", now)
             return
@@ -261,7 +297,7 @@ class Intake:
             self._record_unusable(checkpoint, str(error), now)
             return
         plan = self.plans.plan
-        job = self.store.add_checkpoint(
+        self.store.add_checkpoint(
             checkpoint,
             content_hash=copy.content_hash,
             size_bytes=copy.size_bytes,
@@ -272,7 +308,7 @@ class Intake:
             output=plan.output_options(),
         )
         self._known[checkpoint.path] = (copy.size_bytes, copy.mtime_ns)
-        if job.state not in ("pending", "running"):
+        if not self.store.content_needed(copy.content_hash):  # skipped, or already rendered
             self.cache.drop(copy.content_hash)
 
     def _record_vanished(self, checkpoint: Checkpoint, reason: str, now: float) -> None:
@@ -286,11 +322,27 @@ class Intake:
 
         A later good write of the same path and step resets the row.
         """
-        checkpoint = self._with_step(checkpoint, header_of=None)
         fingerprint = unusable_fingerprint(checkpoint.path)
         if fingerprint is None:
+            checkpoint = self._with_step(checkpoint, header_of=None)
             self.store.record_vanished(checkpoint, now=now, reason=f"{reason}; then it vanished")
             return
+        self._record_failed(checkpoint, reason, fingerprint, now)
+
+    def _record_refused(self, checkpoint: Checkpoint, reason: str, now: float) -> None:
+        """A checkpoint sidecar will not read (a symlink out of the watched folder): failed with why."""
+        target = os.path.realpath(checkpoint.path)
+        identity = hashlib.sha256(f"refused\0{checkpoint.path}\0{target}".encode()).hexdigest()
+        try:
+            link = os.lstat(checkpoint.path)
+        except OSError:
+            return
+        self._record_failed(checkpoint, reason, (identity, link.st_size, link.st_mtime_ns), now)
+
+    def _record_failed(
+        self, checkpoint: Checkpoint, reason: str, fingerprint: tuple[str, int, int], now: float
+    ) -> None:
+        checkpoint = self._with_step(checkpoint, header_of=None)
         identity, size, mtime_ns = fingerprint
         job = self.store.add_checkpoint(
             checkpoint, content_hash=identity, size_bytes=size, mtime_ns=mtime_ns, requests=(), now=now

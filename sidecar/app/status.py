@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 from sidecar.app.state import read_state_file, running_daemon_pid
 from sidecar.errors import SidecarError
@@ -57,6 +58,10 @@ def status_report(samples_dir: Path) -> str:
             lines.append(f"  {_step_text(job.step):<12} {job.state:<8} {job.path}{note}")
     else:
         lines.append("queue: empty")
+    waiting = _waiting(state)
+    if waiting:
+        lines.append(f"not ready yet ({len(waiting)}):")
+        lines += [f"  {path}: {reason}" for path, reason in waiting]
     if summary.failures:
         lines.append(f"failures ({len(summary.failures)}):")
         for failure in summary.failures:
@@ -64,4 +69,19 @@ def status_report(samples_dir: Path) -> str:
             lines.append(f"  {_step_text(failure.step)}{which} {failure.path}: {failure.error}")
     else:
         lines.append("failures: none")
+    if summary.notes:
+        lines.append(f"notes (latest {len(summary.notes)}):")
+        lines += [f"  {_step_text(job.step):<12} {job.path}: {job.note}" for job in summary.notes]
     return "\n".join(lines)
+
+
+def _waiting(state: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """The files the daemon has seen but that are not ready yet, with why, as it last wrote them."""
+    entries = state.get("waiting") if state is not None else None
+    if not isinstance(entries, list):
+        return []
+    return [
+        (str(entry.get("path", "?")), str(entry.get("reason", "?")))
+        for entry in entries
+        if isinstance(entry, dict)
+    ]

@@ -8,6 +8,10 @@ backs off when idle (waking on watcher events), and stops on a signal, `once`,
 
 One daemon per samples folder: a lock file refuses a second one. A store left by a
 process killed mid-render is recovered on open, so every sample is rendered exactly once.
+The samples folder's own entries (`.sidecar` and what it holds) are checked before anything
+is written: one that is a symlink or of the wrong kind stops the daemon with its name. A
+watcher that dies is restarted, or the process exits non-zero: never a live daemon that
+sees nothing.
 """
 
 from __future__ import annotations
@@ -19,12 +23,13 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from sidecar.app.dispatch import Dispatcher, RendererFactory
 from sidecar.app.intake_loop import Intake, PlanSource
 from sidecar.app.rendering import open_renderer
+from sidecar.app.state import check_samples_folder
 from sidecar.errors import SidecarError
 from sidecar.intake.cache import CheckpointCache
 from sidecar.intake.steps import StepCounter
@@ -42,6 +47,8 @@ SLEEP_SLICE_SECONDS = 0.1  # the idle sleep is cut in slices so a stop flag is s
 SETTLE_CHECKS = 5  # while a file settles, look at it this many times per settle time
 MIN_WAIT_SECONDS = 0.01
 MAX_LOOP_ERRORS_IN_A_ROW = 10  # the loop itself failing this often (a broken store): give up
+MAX_WATCHER_RESTARTS = 3  # the watcher dying more often than this within the window: exit non-zero
+WATCHER_RESTART_WINDOW_SECONDS = 600.0
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # `once`: a checkpoint failed during this run
@@ -68,6 +75,10 @@ class WatchRequest:
             raise ValueError(f"`stop_after` must be a positive integer or None, got {self.stop_after!r}")
 
 
+class WatcherDied(SidecarError):
+    """The watcher kept failing: the process ends non-zero, so systemd or supervisor restarts it."""
+
+
 @dataclass
 class Daemon:
     """The two loops of a running daemon, and what the outer loop needs of them."""
@@ -75,6 +86,8 @@ class Daemon:
     intake: Intake
     dispatcher: Dispatcher
     settings: Settings
+    watcher: CheckpointWatcher | None = None
+    watcher_restarts: list[float] = field(default_factory=list)  # when the watcher was restarted
 
     def request_stop(self) -> None:
         self.dispatcher.request_stop()
@@ -84,8 +97,30 @@ class Daemon:
         return self.dispatcher.stop_requested
 
     def loop_once(self, now: float) -> bool:
+        self.check_watcher(now)
         did_work = self.intake.loop_once(now)
+        self.dispatcher.state.set_waiting(self.intake.waiting(), now)
         return self.dispatcher.loop_once(now) or did_work
+
+    def check_watcher(self, now: float) -> None:
+        """A dead watcher is never left running unnoticed: it is restarted (a fresh observer and a
+        rescan), or, after `MAX_WATCHER_RESTARTS` within `WATCHER_RESTART_WINDOW_SECONDS`, the
+        daemon stops with `WatcherDied` and the process exits non-zero."""
+        if self.watcher is None:
+            return
+        problem = self.watcher.problem()
+        if problem is None:
+            return
+        self.watcher_restarts = [t for t in self.watcher_restarts if now - t < WATCHER_RESTART_WINDOW_SECONDS]
+        if len(self.watcher_restarts) >= MAX_WATCHER_RESTARTS:
+            raise WatcherDied(
+                f"the checkpoint watcher failed {len(self.watcher_restarts) + 1} times in "
+                f"{WATCHER_RESTART_WINDOW_SECONDS:.0f} s ({problem}); stopping so that the service "
+                "manager restarts sidecar"
+            )
+        self.watcher_restarts.append(now)
+        logger.error("%s; restarting the watcher and looking at the whole folder again", problem)
+        self.watcher.restart()
 
     def wait_for_work(self, seconds: float) -> None:
         """The idle back-off: ends as soon as the watcher has news, a stop is asked, or
@@ -166,6 +201,8 @@ def run_watch(
     if not output_dir.is_dir():
         logger.info("%s does not exist yet; creating it, as the trainer would", output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
+    check_samples_folder(folder, inside=output_dir if settings.output is None else None)
+    ignore = (folder.root.absolute(),)  # sidecar's own files are never checkpoints
     gate = slot_gate if slot_gate is not None else build_slot_gate(settings)
     factory = renderer_factory or (lambda: open_renderer(plans.config, settings))
     events: queue.Queue[FileEvent] = queue.Queue()
@@ -184,6 +221,8 @@ def run_watch(
                 plans=plans,
                 steps=steps,
                 pattern=pattern,
+                ignore=ignore,
+                follow_symlinks=settings.follow_symlinks,
                 settle_seconds=settings.settle_seconds,
                 abandon_seconds=settings.abandon_seconds,
             )
@@ -208,7 +247,15 @@ def run_watch(
                 take_in=intake.loop_once,
                 tensorboard=tensorboard,
             )
-            daemon = Daemon(intake=intake, dispatcher=dispatcher, settings=settings)
+            watcher = CheckpointWatcher(
+                output_dir,
+                events,
+                pattern=pattern,
+                ignore=ignore,
+                use_polling=settings.polling,
+                polling_interval_seconds=settings.poll_interval_seconds,
+            )
+            daemon = Daemon(intake=intake, dispatcher=dispatcher, settings=settings, watcher=watcher)
             if daemon_ready is not None:
                 daemon_ready(daemon)
             logger.info(
@@ -217,13 +264,6 @@ def run_watch(
                 output_dir,
                 folder.root,
                 settings.backlog,
-            )
-            watcher = CheckpointWatcher(
-                output_dir,
-                events,
-                pattern=pattern,
-                use_polling=settings.polling,
-                polling_interval_seconds=settings.poll_interval_seconds,
             )
             try:
                 watcher.start()
@@ -238,6 +278,7 @@ def run_watch(
             finally:
                 watcher.stop()
                 dispatcher.close()
+                cache.close()
                 if tensorboard is not None:
                     tensorboard.close()
             failed = store.failed_since(started)

@@ -13,17 +13,16 @@ it back to the readiness tracker.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
-import shutil
-import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from sidecar.confined import ConfinedFolder
 from sidecar.errors import SidecarError
 from sidecar.intake.readiness import completeness
+from sidecar.intake.trust import open_checkpoint
 
 COPY_CHUNK_BYTES = 4 * 1024 * 1024
 PARTIAL_SUFFIX = ".partial"
@@ -72,45 +71,50 @@ def unusable_fingerprint(path: Path) -> tuple[str, int, int] | None:
 
 
 class CheckpointCache:
-    """`SAMPLES_DIR/.sidecar/cache`: copies of checkpoints that are not rendered yet."""
+    """`SAMPLES_DIR/.sidecar/cache`: copies of checkpoints that are not rendered yet.
 
-    def __init__(self, folder: Path) -> None:
-        self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
+    Every write and delete goes through the open folder (`ConfinedFolder`): a `cache`
+    that is a symlink is refused, and nothing below it is ever followed.
+    """
 
-    def copy_in(self, path: Path, expected: tuple[int, int]) -> CachedCopy:
+    def __init__(self, folder: Path | ConfinedFolder) -> None:
+        self._dir = folder if isinstance(folder, ConfinedFolder) else ConfinedFolder.own(Path(folder))
+        self.folder = self._dir.path
+
+    def close(self) -> None:
+        self._dir.close()
+
+    def copy_in(self, path: Path, expected: tuple[int, int], *, root: Path | None = None) -> CachedCopy:
         """Copy `path` into `cache/<sha256>/<name>`, hashing as it goes.
 
         The file must still be what the tracker judged whole (`expected` size and mtime)
         and must not change while it is copied; it may be deleted meanwhile (the open
-        handle still reads it whole). Raises `ChangedWhileCopying`, `FileNotFoundError`
-        or another `OSError`.
+        handle still reads it whole). With `root`, the file opened must lie inside it
+        (`sidecar.intake.trust.open_checkpoint`). Raises `ChangedWhileCopying`,
+        `OutsideWatchedFolder`, `FileNotFoundError` or another `OSError`.
         """
-        temporary = self.folder / f".{uuid.uuid4().hex}{PARTIAL_SUFFIX}"
         digest = hashlib.sha256()
         copied = 0
+        temporary, target_fd = self._dir.new_temp_file(f"copy{PARTIAL_SUFFIX}")
         try:
-            with path.open("rb") as source:
+            with open_checkpoint(path, root=root) as source, os.fdopen(target_fd, "wb") as target:
                 before = os.fstat(source.fileno())
                 if (before.st_size, before.st_mtime_ns) != expected:
                     raise ChangedWhileCopying(path)
-                with temporary.open("wb") as target:
-                    while chunk := source.read(COPY_CHUNK_BYTES):
-                        digest.update(chunk)
-                        target.write(chunk)
-                        copied += len(chunk)
+                while chunk := source.read(COPY_CHUNK_BYTES):
+                    digest.update(chunk)
+                    target.write(chunk)
+                    copied += len(chunk)
                 after = os.fstat(source.fileno())
             if copied != before.st_size or (after.st_size, after.st_mtime_ns) != expected:
                 raise ChangedWhileCopying(path)
-            if not completeness(temporary).whole:
+            if not completeness(self.folder / temporary).whole:
                 raise ChangedWhileCopying(path)
-            folder = self.folder / digest.hexdigest()
-            folder.mkdir(exist_ok=True)
-            copy = folder / path.name
-            os.replace(temporary, copy)
+            with self._dir.folder(digest.hexdigest()) as folder:
+                self._dir.replace(temporary, path.name, into=folder)
         finally:
-            with contextlib.suppress(FileNotFoundError):
-                temporary.unlink()
+            self._dir.unlink(temporary)
+        copy = self.folder / digest.hexdigest() / path.name
         return CachedCopy(copy, digest.hexdigest(), before.st_size, before.st_mtime_ns)
 
     def source_of(self, content_hash: str | None, original: Path) -> Path:
@@ -128,16 +132,11 @@ class CheckpointCache:
         raise SidecarError(f"{original}: vanished, and no copy of it was kept (pruned by the trainer?)")
 
     def drop(self, content_hash: str) -> None:
-        shutil.rmtree(self.folder / content_hash, ignore_errors=True)
+        self._dir.remove_tree(content_hash)
 
     def clean(self, needed: Iterable[str]) -> None:
         """Drop copies no pending job needs, and partial copies a killed process left."""
         keep = set(needed)
-        for entry in self.folder.iterdir():
-            if entry.name in keep:
-                continue
-            if entry.is_dir():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                with contextlib.suppress(FileNotFoundError):
-                    entry.unlink()
+        for name in self._dir.entries():
+            if name not in keep:
+                self._dir.remove_tree(name)

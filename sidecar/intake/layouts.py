@@ -138,6 +138,10 @@ def _is_excluded(rel: PurePosixPath) -> str | None:
     return None
 
 
+def _is_number(text: str | None) -> bool:
+    return text is not None and text.isascii() and text.isdigit()
+
+
 def _relative(path: Path, root: Path) -> PurePosixPath:
     try:
         return PurePosixPath(path.relative_to(root).as_posix())
@@ -145,36 +149,49 @@ def _relative(path: Path, root: Path) -> PurePosixPath:
         return PurePosixPath(path.name)
 
 
-def recognise(path: Path, *, root: Path, pattern: re.Pattern[str] | None = None) -> Checkpoint | None:
+def recognise(
+    path: Path,
+    *,
+    root: Path,
+    pattern: re.Pattern[str] | None = None,
+    ignore: tuple[Path, ...] = (),
+) -> Checkpoint | None:
     """The checkpoint `path` is, or None when it is not a LoRA checkpoint.
 
     Pure on the path: reads nothing from disk. `root` is the watched output folder;
-    layouts are matched on the path relative to it. A user `pattern` (a regex with a
-    named `step` group, optional `epoch`) is tried first, on the relative POSIX path.
+    layouts are matched on the path relative to it. Files under a folder in `ignore`
+    (sidecar's own samples folder) and the exclusions (samples, hidden folders such as
+    `.sidecar`, optimizer states, EMA copies) come first: a broad user `pattern` never
+    turns sidecar's own cached copy into a checkpoint. The `pattern` (a regex with a named
+    `step` group, optional `epoch`; checked when settings are read) is then tried on the
+    relative POSIX path, before the trainers' layouts.
     """
     suffix = path.suffix.lower()
     pickled = is_pickle(path)
     if suffix != SAFETENSORS_SUFFIX and not pickled:
         return None
+    if any(folder == path or folder in path.parents for folder in ignore):
+        return None
     rel = _relative(path, root)
-
-    if pattern is not None:  # checked for a `step` group when settings are read
-        found = pattern.search(rel.as_posix())
-        if found is not None and found.group("step") is not None:
-            epoch = found.groupdict().get("epoch")
-            return Checkpoint(
-                path=path,
-                name=path.stem,
-                layout="pattern",
-                step=int(found.group("step")),
-                epoch=int(epoch) if epoch is not None else None,
-                is_pickle=pickled,
-            )
-
     excluded = _is_excluded(rel)
     if excluded is not None:
         logger.debug("%s is not a LoRA checkpoint: %s", path, excluded)
         return None
+
+    if pattern is not None:
+        found = pattern.search(rel.as_posix())
+        groups = found.groupdict() if found is not None else {}
+        step, epoch = groups.get("step"), groups.get("epoch")
+        if _is_number(step):  # a `step` group that matched no number: no step
+            return Checkpoint(
+                path=path,
+                name=path.stem,
+                layout="pattern",
+                step=int(step),
+                epoch=int(epoch) if _is_number(epoch) else None,
+                is_pickle=pickled,
+            )
+
     stem = path.stem
     parent = rel.parent.name if len(rel.parts) > 1 else ""
 

@@ -48,7 +48,9 @@ from sidecar.intake.layouts import Checkpoint, is_excluded_folder, recognise
 
 logger = logging.getLogger("sidecar.intake")
 
-EventKind = Literal["created", "modified", "closed", "moved", "deleted", "scanned"]
+EventKind = Literal["created", "modified", "closed", "moved", "deleted", "scanned", "failed"]
+# Events that say the file's writer is done with it: closed after writing, or renamed into place.
+FINISHED_KINDS: frozenset[EventKind] = frozenset({"closed", "moved"})
 
 POLLING_INTERVAL_SECONDS = 1.0  # PollingObserver: how often it lists the tree
 OBSERVER_JOIN_SECONDS = 5.0  # how long closing the watcher waits for the observer thread
@@ -95,16 +97,32 @@ class CheckpointEventHandler(FileSystemEventHandler):
         *,
         root: Path,
         pattern: re.Pattern[str] | None = None,
+        ignore: tuple[Path, ...] = (),
         on_folder: Callable[[Path], None] | None = None,
     ) -> None:
         super().__init__()
         self.events = events
         self.root = Path(root)
         self.pattern = pattern
+        self.ignore = ignore  # sidecar's own samples folder, where it lies under `root`
         self.on_folder = on_folder  # told of each new folder, so it can be watched too
+        self.failure: BaseException | None = None  # the first error, until the watcher restarts
+
+    def dispatch(self, event: FileSystemEvent) -> None:
+        """watchdog's entry point, guarded: an error here would end the observer's thread, and the
+        daemon would go on seeing nothing. It is recorded instead; the daemon restarts the watcher
+        (a fresh observer and a rescan, so the event is not lost) or exits non-zero."""
+        try:
+            super().dispatch(event)
+        except Exception as error:
+            logger.exception("the file-event handler failed on %s", event.src_path)
+            if self.failure is None:
+                self.failure = error
+            with contextlib.suppress(Exception):
+                self.events.put(FileEvent("failed", _decode(event.src_path)))  # wakes the daemon
 
     def _put_file(self, kind: EventKind, path: Path) -> None:
-        checkpoint = recognise(path, root=self.root, pattern=self.pattern)
+        checkpoint = recognise(path, root=self.root, pattern=self.pattern, ignore=self.ignore)
         if checkpoint is not None:
             self.events.put(FileEvent(kind, path, checkpoint))
 
@@ -143,19 +161,26 @@ class CheckpointEventHandler(FileSystemEventHandler):
             self._put_file("deleted", _decode(event.src_path))
 
 
-def scan_tree(folder: Path, *, root: Path, pattern: re.Pattern[str] | None = None) -> Iterator[FileEvent]:
-    """A `scanned` event for every checkpoint file under `folder`, in sorted order.
+def scan_tree(
+    folder: Path,
+    *,
+    root: Path,
+    pattern: re.Pattern[str] | None = None,
+    ignore: tuple[Path, ...] = (),
+    kind: EventKind = "scanned",
+) -> Iterator[FileEvent]:
+    """A `kind` event (`scanned`) for every checkpoint file under `folder`, in sorted order.
 
-    Hidden folders (`.sidecar`, `.git`) are not entered. A folder that vanishes while it
-    is walked simply yields less: the trainer pruned it.
+    Hidden folders (`.sidecar`, `.git`) and symlinked folders are not entered. A folder that
+    vanishes while it is walked simply yields less: the trainer pruned it.
     """
     for current, folders, files in os.walk(folder):
         folders[:] = sorted(name for name in folders if not name.startswith("."))
         for name in sorted(files):
             path = Path(current) / name
-            checkpoint = recognise(path, root=root, pattern=pattern)
+            checkpoint = recognise(path, root=root, pattern=pattern, ignore=ignore)
             if checkpoint is not None:
-                yield FileEvent("scanned", path, checkpoint)
+                yield FileEvent(kind, path, checkpoint)
 
 
 class CheckpointWatcher:
@@ -172,16 +197,18 @@ class CheckpointWatcher:
         events: queue.Queue[FileEvent],
         *,
         pattern: re.Pattern[str] | None = None,
+        ignore: tuple[Path, ...] = (),
         use_polling: bool = False,
         polling_interval_seconds: float = POLLING_INTERVAL_SECONDS,
     ) -> None:
         self.root = Path(root)
         self.events = events
         self.pattern = pattern
+        self.ignore = ignore
         self.use_polling = use_polling
         self.polling_interval_seconds = polling_interval_seconds
         self.handler = CheckpointEventHandler(
-            events, root=self.root, pattern=pattern, on_folder=self.watch_tree
+            events, root=self.root, pattern=pattern, ignore=ignore, on_folder=self.watch_tree
         )
         self._observer: BaseObserver | None = None
         self._watches: dict[Path, ObservedWatch] = {}
@@ -247,10 +274,33 @@ class CheckpointWatcher:
         observer.stop()
         observer.join(timeout=OBSERVER_JOIN_SECONDS)
 
+    def problem(self) -> str | None:
+        """Why the watcher sees nothing any more (its handler failed, a thread died); None while well."""
+        if self.handler.failure is not None:
+            failure = self.handler.failure
+            return f"the file-event handler failed: {type(failure).__name__}: {failure}"
+        observer = self._observer
+        if observer is None:
+            return None
+        if not observer.is_alive():
+            return "the observer thread died"
+        if any(not emitter.is_alive() for emitter in observer.emitters):
+            return "an event emitter thread died"
+        return None
+
+    def restart(self) -> None:
+        """A fresh observer, then a rescan: whatever the dead one missed is seen now."""
+        with contextlib.suppress(Exception):
+            self.stop()
+        self._watches.clear()
+        self.handler.failure = None
+        self.start()
+        self.scan()
+
     def scan(self) -> int:
         """Feed every checkpoint already under `root` in (the startup scan); returns how many."""
         count = 0
-        for event in scan_tree(self.root, root=self.root, pattern=self.pattern):
+        for event in scan_tree(self.root, root=self.root, pattern=self.pattern, ignore=self.ignore):
             self.events.put(event)
             count += 1
         logger.info("startup scan of %s: %s checkpoint file(s)", self.root, count)

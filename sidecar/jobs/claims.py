@@ -175,6 +175,29 @@ class JobClaims(JobQueries):
         if ids:
             logger.info("backlog latest: skipped %s older checkpoint(s) for step %s", len(ids), newest.step)
 
+    def release_claim(
+        self, checkpoint_id: int, *, now: float, retry_at: float | None = None, reason: str | None = None
+    ) -> CheckpointJob:
+        """Give a claimed checkpoint back, untouched and without costing an attempt.
+
+        For what is no fault of the checkpoint: the slot was taken between the gate's answer
+        and the render, the disk is full. Samples done stay done; the rest wait for
+        `retry_at` (None: at once), with `reason` shown in `sidecar status`.
+        """
+        with self._transaction() as conn:
+            conn.execute(
+                "UPDATE samples SET state = 'pending', updated_at = ? WHERE checkpoint_id = ?"
+                " AND state = 'running'",
+                (now, checkpoint_id),
+            )
+            conn.execute(
+                "UPDATE checkpoints SET state = 'pending', attempts = MAX(attempts - 1, 0),"
+                " claimed_by = NULL, retry_at = ?, error = ?, updated_at = ?"
+                " WHERE id = ? AND state = 'running'",
+                (retry_at, reason, now, checkpoint_id),
+            )
+            return self._get_checkpoint(conn, checkpoint_id)
+
     def mark_sample_done(self, sample_id: int, *, output_path: Path, now: float) -> None:
         """A sample image is written (atomically, by the output module)."""
         with self._transaction() as conn:

@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+from sidecar.confined import ConfinedFolder
 from sidecar.errors import SidecarError
 
 try:  # POSIX advisory locks tell a live owner from a dead one; elsewhere, pids do
@@ -21,45 +22,51 @@ except ImportError:  # pragma: no cover - Windows
 
 
 class OwnerLock:
-    """A lock file held for a store's lifetime; free once its process is gone (even `kill -9`)."""
+    """A lock file held for a store's lifetime; free once its process is gone (even `kill -9`).
+
+    The lock files live in a folder sidecar owns; they are made, opened and deleted inside it
+    (`ConfinedFolder`), never through a symlink.
+    """
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self.token = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
-        folder.mkdir(parents=True, exist_ok=True)
-        self.path = folder / f"{self.token}.lock"
-        self._handle = self.path.open("w")
+        self._dir = ConfinedFolder.own(folder)
+        self.name = f"{self.token}.lock"
+        self.path = folder / self.name
+        self._fd: int | None = self._dir.open_file(self.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
         if fcntl is not None:
-            fcntl.flock(self._handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
     def release(self) -> None:
-        if self._handle.closed:
+        if self._fd is None:
             return
-        self._handle.close()  # closing drops the flock
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
+        os.close(self._fd)  # closing drops the flock
+        self._fd = None
+        self._dir.unlink(self.name)
+        self._dir.close()
 
     @staticmethod
     def is_alive(folder: Path, token: str) -> bool:
-        path = folder / f"{token}.lock"
+        name = f"{token}.lock"
         if fcntl is None:  # pragma: no cover - Windows: fall back to the pid in the token
             try:
                 os.kill(int(token.split("-", 1)[0]), 0)
             except (OSError, ValueError):
                 return False
             return True
-        try:
-            descriptor = os.open(path, os.O_RDWR)  # no O_CREAT: a missing lock file is a dead owner
-        except FileNotFoundError:
-            return False
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        finally:
-            os.close(descriptor)  # also drops the lock we may have taken
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+        with ConfinedFolder.own(folder) as owners:
+            try:
+                descriptor = owners.open_file(name, os.O_RDWR)  # no O_CREAT: missing means a dead owner
+            except FileNotFoundError:
+                return False
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            finally:
+                os.close(descriptor)  # also drops the lock we may have taken
+            owners.unlink(name)
         return False
 
 
@@ -67,10 +74,12 @@ class OwnerLock:
 def process_lock(path: Path, *, what: str) -> Iterator[None]:
     """Hold `path` (e.g. `.sidecar/daemon.lock`) while running; a second holder is refused.
 
-    `what` names the folder the lock guards, for the message.
+    `what` names the folder the lock guards, for the message. The lock file is opened
+    inside its folder without following a symlink, and never truncated before it is held.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a+") as handle:
+    with ConfinedFolder.own(path.parent) as folder:
+        descriptor = folder.open_file(path.name, os.O_RDWR | os.O_CREAT)
+    with os.fdopen(descriptor, "r+") as handle:
         if fcntl is not None:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -5,6 +5,8 @@ from __future__ import annotations
 MAX_ATTEMPTS = 3  # renders of one checkpoint (or sample) before a transient error becomes final
 RETRY_BASE_SECONDS = 30.0  # first backoff; doubles per attempt
 MAX_INTERRUPTIONS = 3  # process deaths while rendering one checkpoint before it is failed
+WRITE_RETRY_BASE_SECONDS = 10.0  # samples could not be written (disk full): first wait; doubles
+WRITE_RETRY_MAX_SECONDS = 300.0  # ... up to this, however long the disk stays full
 
 
 def skip_reason(step: int | None, *, sample_every: int | None, is_final: bool, is_first: bool) -> str | None:
@@ -25,3 +27,12 @@ def skip_reason(step: int | None, *, sample_every: int | None, is_final: bool, i
 def retry_delay_seconds(attempts: int, *, base_seconds: float = RETRY_BASE_SECONDS) -> float:
     """Backoff before attempt `attempts + 1`: base, 2x base, 4x base, ..."""
     return base_seconds * (2 ** max(attempts - 1, 0))
+
+
+def write_retry_delay_seconds(failures: int) -> float:
+    """Wait before rendering again after `failures` renders in a row could not write their samples.
+
+    Unbounded in count (the disk may take hours to free), bounded in length: the daemon
+    resumes within `WRITE_RETRY_MAX_SECONDS` of space returning.
+    """
+    return min(retry_delay_seconds(failures, base_seconds=WRITE_RETRY_BASE_SECONDS), WRITE_RETRY_MAX_SECONDS)

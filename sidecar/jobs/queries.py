@@ -26,6 +26,7 @@ from sidecar.plan.request import SampleRequest
 # Oldest step first; a checkpoint without a known step (a final file) after all others.
 STEP_ORDER = "CASE WHEN step IS NULL THEN 1 ELSE 0 END, step, id"
 NEWEST_FIRST = "CASE WHEN step IS NULL THEN 0 ELSE 1 END, step DESC, id DESC"
+NOTES_SHOWN = 20  # `sidecar status` lists this many of the latest notes
 
 
 class JobQueries:
@@ -135,9 +136,45 @@ class JobQueries:
                 queue=tuple(self.queue()),
                 last_rendered_step=self.last_rendered_step(),
                 failures=tuple(self.failures()),
+                notes=tuple(self.noted()),
             )
         finally:
             self._conn.execute("COMMIT")
+
+    def identical_done_samples(self, checkpoint_id: int) -> dict[int, Path]:
+        """`{sample index: image}` of samples another checkpoint with the same bytes already rendered
+        with the same settings (fingerprint): the images this checkpoint's samples would be."""
+        rows = self._conn.execute(
+            "SELECT s.sample_index, o.output_path FROM checkpoints c"
+            " JOIN checkpoints oc ON oc.content_hash = c.content_hash AND oc.id != c.id"
+            " JOIN samples s ON s.checkpoint_id = c.id"
+            " JOIN samples o ON o.checkpoint_id = oc.id AND o.fingerprint = s.fingerprint"
+            " AND o.sample_index = s.sample_index"
+            " WHERE c.id = ? AND o.state = 'done' AND o.output_path IS NOT NULL"
+            " ORDER BY s.sample_index, oc.id",
+            (checkpoint_id,),
+        )
+        found: dict[int, Path] = {}
+        for index, output_path in rows:
+            found.setdefault(int(index), Path(str(output_path)))
+        return found
+
+    def content_needed(self, content_hash: str) -> bool:
+        """Whether a checkpoint still to render has these bytes (its cached copy must stay)."""
+        row = self._conn.execute(
+            "SELECT 1 FROM checkpoints WHERE content_hash = ? AND state IN ('pending', 'running') LIMIT 1",
+            (content_hash,),
+        ).fetchone()
+        return row is not None
+
+    def noted(self, *, limit: int = NOTES_SHOWN) -> list[CheckpointJob]:
+        """The latest checkpoints with a note (identical bytes, rewritten in place, forced), oldest first."""
+        rows = self._conn.execute(
+            f"SELECT {CHECKPOINT_COLUMNS} FROM checkpoints WHERE note IS NOT NULL"
+            " ORDER BY updated_at DESC, id DESC LIMIT ?",
+            (limit,),
+        ).fetchall()
+        return [checkpoint_from_row(r) for r in reversed(rows)]
 
     def failed_since(self, since: float) -> int:
         """Checkpoints that failed at or after `since` (a run's start: its exit code)."""

@@ -94,6 +94,15 @@ class StatusSummary:
     queue: tuple[CheckpointJob, ...]  # pending and running, in render order
     last_rendered_step: int | None
     failures: tuple[Failure, ...]
+    notes: tuple[CheckpointJob, ...] = ()  # latest with a note (identical bytes, rewritten), oldest first
+
+
+def identical_note(step: int | None, path: Path) -> str:
+    """The note of a checkpoint whose bytes equal those of an earlier one (`step`, `path`)."""
+    return (
+        f"same bytes as step {step} ({path.name}); its samples rendered with the same settings are "
+        "hard links of that step's images, not rendered again"
+    )
 
 
 def request_fingerprint(request: SampleRequest) -> str:

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from sidecar.errors import SidecarError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 CREATE_CHECKPOINTS = """
 CREATE TABLE IF NOT EXISTS checkpoints (
@@ -38,8 +38,9 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     updated_at REAL NOT NULL,
     output_json TEXT
 )"""
+# v3: content is no identity (a trainer may save equal bytes at two steps); looked up, not unique.
 CREATE_CHECKPOINTS_HASH = (
-    "CREATE UNIQUE INDEX IF NOT EXISTS checkpoints_content_hash ON checkpoints (content_hash) "
+    "CREATE INDEX IF NOT EXISTS checkpoints_by_content ON checkpoints (content_hash) "
     "WHERE content_hash IS NOT NULL"
 )
 CREATE_CHECKPOINTS_PATH_STEP = (
@@ -78,8 +79,15 @@ def _v1_to_v2(conn: sqlite3.Connection) -> None:
     conn.execute("ALTER TABLE checkpoints ADD COLUMN output_json TEXT")
 
 
+def _v2_to_v3(conn: sqlite3.Connection) -> None:
+    """v3 identifies a checkpoint by its path and step, not its content: a file whose bytes equal
+    an earlier step's gets a row (and a step in the samples folder) of its own. The unique
+    index on the content hash goes; a plain one (made by the DDL) serves the lookups."""
+    conn.execute("DROP INDEX IF EXISTS checkpoints_content_hash")
+
+
 # MIGRATIONS[v] turns a store of version v into version v + 1.
-MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _v1_to_v2}
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _v1_to_v2, 2: _v2_to_v3}
 
 
 def create_or_migrate(conn: sqlite3.Connection, *, path: object) -> int:

@@ -17,12 +17,15 @@ Design decisions:
   `kill -9`) go back to `pending` on open (`recover`). Re-rendering an interrupted
   sample cannot duplicate because output files are replaced atomically by name.
   A checkpoint whose process died `MAX_INTERRUPTIONS` times is failed, not retried forever.
-- Identity. A checkpoint is its content hash; adding the same content again (the startup
-  scan re-adds everything) returns the existing row. The same path and step with new
-  content (a resumed trainer rewrote it in place) updates that row: samples already
-  done are kept (they show that step; re-rendering would double the GPU time for an
-  image the user already has) and a note says so; `force_render` redoes them. A row
-  that had failed or vanished is reset to pending, since the new file may be good.
+- Identity. A checkpoint is its path and step; adding it again with the same content (the
+  startup scan re-adds everything) returns the existing row. Content is no identity:
+  a trainer that saves equal bytes at two steps (unchanged weights, a final file equal
+  to the last step's) gets a row per step, noted as identical to the earlier one, whose
+  images the dispatcher links instead of rendering again (`identical_done_samples`). The
+  same path and step with new content (a resumed trainer rewrote it in place) updates that
+  row: samples already done are kept (they show that step; re-rendering would double the
+  GPU time for an image the user already has) and a note says so; `force_render` redoes
+  them. A row that had failed or vanished is reset to pending, since the new file may be good.
 - The sample plan is copied into sample rows when a checkpoint is added, so a changed
   `sample:` section applies to later checkpoints only.
 - Failures: transient ones retry with doubling backoff up to `max_attempts`; permanent
@@ -37,18 +40,40 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from sidecar.confined import ConfinedFolder
 from sidecar.intake.layouts import Checkpoint
 from sidecar.jobs.claims import JobClaims
 from sidecar.jobs.locks import OwnerLock
 from sidecar.jobs.policy import MAX_ATTEMPTS, RETRY_BASE_SECONDS, skip_reason
-from sidecar.jobs.records import CHECKPOINT_COLUMNS, CheckpointJob, State, checkpoint_from_row, output_json
+from sidecar.jobs.queries import STEP_ORDER
+from sidecar.jobs.records import (
+    CHECKPOINT_COLUMNS,
+    CheckpointJob,
+    State,
+    checkpoint_from_row,
+    identical_note,
+    output_json,
+)
 from sidecar.jobs.schema import create_or_migrate
 from sidecar.plan.request import SampleRequest
 
 logger = logging.getLogger("sidecar.jobs")
 
 BUSY_TIMEOUT_SECONDS = 30.0
+STORE_FILE_SUFFIXES = ("", "-wal", "-shm", "-journal")  # the store and the files SQLite keeps beside it
+OWNERS_SUFFIX = ".owners"  # the folder of owner locks beside the store
 VANISHED = "vanished"
+
+
+def check_store_files(path: Path) -> None:
+    """Refuse a store whose folder or files are symlinks, hard links or the wrong kind.
+
+    SQLite opens its files by path and writes the journal and shared memory in place; a
+    planted link would have it write elsewhere. Checked just before they are opened.
+    """
+    with ConfinedFolder.own(path.parent) as folder:
+        for suffix in STORE_FILE_SUFFIXES:
+            folder.require_plain_file(path.name + suffix)
 
 
 class JobStore(JobClaims):
@@ -72,8 +97,8 @@ class JobStore(JobClaims):
         self.path = Path(path)
         self.max_attempts = max_attempts
         self.retry_base_seconds = retry_base_seconds
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._owners = self.path.parent / f"{self.path.name}.owners"
+        self._owners = self.path.parent / f"{self.path.name}{OWNERS_SUFFIX}"
+        check_store_files(self.path)
         self._lock = OwnerLock(self._owners)
         self._conn = sqlite3.connect(self.path, timeout=busy_timeout_seconds, isolation_level=None)
         self._conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_seconds * 1000)}")
@@ -117,28 +142,24 @@ class JobStore(JobClaims):
         sample_every: int | None = None,
         output: Mapping[str, Any] | None = None,
     ) -> CheckpointJob:
-        """Record a ready checkpoint and its sample plan; idempotent on content and on path+step.
+        """Record a ready checkpoint and its sample plan; idempotent on path+step and content.
 
         `requests` is the sample plan as it is now; it is stored with the checkpoint.
         Under `sample_every` a checkpoint off the schedule is recorded as `skipped`.
         """
         with self._transaction() as conn:
             row = conn.execute(
-                f"SELECT {CHECKPOINT_COLUMNS} FROM checkpoints WHERE content_hash = ?", (content_hash,)
+                f"SELECT {CHECKPOINT_COLUMNS} FROM checkpoints WHERE path = ? AND COALESCE(step, -1) = ?",
+                (str(checkpoint.path), -1 if checkpoint.step is None else checkpoint.step),
             ).fetchone()
-            if row is not None:
+            if row is not None and checkpoint_from_row(row).content_hash == content_hash:
                 existing = checkpoint_from_row(row)
                 if checkpoint.is_final and not existing.is_final:
                     conn.execute(
                         "UPDATE checkpoints SET is_final = 1, updated_at = ? WHERE id = ?", (now, existing.id)
                     )
-                logger.debug("%s already recorded as job %s (same content)", checkpoint.path, existing.id)
+                logger.debug("%s already recorded as job %s", checkpoint.path, existing.id)
                 return self._get_checkpoint(conn, existing.id)
-
-            row = conn.execute(
-                f"SELECT {CHECKPOINT_COLUMNS} FROM checkpoints WHERE path = ? AND COALESCE(step, -1) = ?",
-                (str(checkpoint.path), -1 if checkpoint.step is None else checkpoint.step),
-            ).fetchone()
             if row is not None:
                 return self._rewritten(
                     conn,
@@ -165,10 +186,11 @@ class JobStore(JobClaims):
                 is_first=is_first is None,
             )
             state: State = "skipped" if reason else "pending"
+            note = self._identical_note(conn, checkpoint, content_hash) if requests else None
             cursor = conn.execute(
                 "INSERT INTO checkpoints (path, step, epoch, size_bytes, mtime_ns, content_hash,"
-                " layout, is_final, state, error, added_at, updated_at, output_json)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " layout, is_final, state, error, added_at, updated_at, output_json, note)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     str(checkpoint.path),
                     checkpoint.step,
@@ -183,18 +205,32 @@ class JobStore(JobClaims):
                     now,
                     now,
                     output_json(output),
+                    note,
                 ),
             )
             checkpoint_id = int(cursor.lastrowid or 0)
             self._insert_samples(conn, checkpoint_id, requests, state, reason, now)
             logger.info(
-                "added step %s (%s) as job %s: %s",
+                "added step %s (%s) as job %s: %s%s",
                 checkpoint.step,
                 checkpoint.path,
                 checkpoint_id,
                 reason or f"{len(requests)} samples pending",
+                f"; {note}" if note else "",
             )
             return self._get_checkpoint(conn, checkpoint_id)
+
+    @staticmethod
+    def _identical_note(conn: sqlite3.Connection, checkpoint: Checkpoint, content_hash: str) -> str | None:
+        """The note of a checkpoint whose bytes equal an earlier step's, or None."""
+        row = conn.execute(
+            f"SELECT step, path FROM checkpoints WHERE content_hash = ? ORDER BY {STEP_ORDER} LIMIT 1",
+            (content_hash,),
+        ).fetchone()
+        if row is None:
+            return None
+        step, path = row
+        return identical_note(step, Path(str(path)))
 
     def _rewritten(
         self,

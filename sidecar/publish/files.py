@@ -18,20 +18,21 @@ negative prompt and the settings are in the image's infotext.
 
 from __future__ import annotations
 
-import contextlib
+import errno
 import json
 import logging
 import os
 import re
-import secrets
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, NamedTuple
 
 from PIL import Image, PngImagePlugin
 
 from sidecar.arch import arch_spec
-from sidecar.errors import ConfigError, SamplerError
+from sidecar.confined import ConfinedFolder, UnsafeEntryError
+from sidecar.errors import ConfigError, SamplerError, TransientError
 from sidecar.plan.request import SampleRequest
 from sidecar.samplers import sampler_spec
 from sidecar.settings import SAMPLE_STEM_FORMAT, SamplesFolder
@@ -55,9 +56,20 @@ USER_COMMENT_ASCII = b"ASCII\x00\x00\x00"
 MAX_EXIF_BYTES = 65_533  # one JPEG APP1 segment; longer EXIF cannot be stored
 MODEL_FILE_SUFFIXES = {".safetensors", ".ckpt", ".sft", ".gguf", ".pt", ".pth", ".bin"}
 
-# Temp files: hidden, named after their target, so a killed process leaves them recognisable.
-TEMP_SUFFIX = ".tmp"
+# Temp files: hidden, named after their target (`sidecar.confined`), so a killed process leaves
+# them recognisable.
+NOTE_PREFIX = "sidecar note: "  # a line of the `.txt` that is not part of the prompt
+# Write errors that pass (disk full, quota, I/O error, busy file), retried after each wait (s).
+TRANSIENT_WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EBUSY, errno.EAGAIN})
+WRITE_RETRY_SECONDS = (0.5, 1.0, 2.0, 4.0)
 _TEMP_NAME = re.compile(r"^\.sample_\d+\.(?:png|jpg|webp|txt)\.[0-9a-f]+\.tmp$")
+
+
+class SampleWriteError(TransientError):
+    """A sample could not be written for a reason that passes (disk full, I/O error, busy file).
+
+    Nothing half-written is left; the daemon renders the sample again once it can write.
+    """
 
 
 class SamplePaths(NamedTuple):
@@ -178,39 +190,31 @@ def infotext(
 # ---------------------------------------------------------------------------------
 
 
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename itself durable (POSIX); a no-op where folders cannot be opened."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+def _parent_folder(path: Path, root: Path | None) -> ConfinedFolder:
+    """The folder `path` goes in, opened; below `root` every folder is a real one, made when missing.
 
-
-def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Write `path` through a temp file in its folder, then `os.replace` it into place.
-
-    The temp file is opened with `x` (not `mkstemp`) so it gets the usual umask permissions
-    rather than 0600, and the gallery's web server can read the result.
+    `root` (the samples folder) is opened as named; nothing below it is followed. Without
+    `root` the parent is opened as named (a file the user chose, e.g. `sidecar grid -o`).
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.{secrets.token_hex(6)}{TEMP_SUFFIX}")
+    if root is None:
+        return ConfinedFolder.open(path.parent, create=True)
     try:
-        with open(temp, "xb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            temp.unlink()
-        raise
-    _fsync_dir(path.parent)
+        parts = path.parent.relative_to(root).parts
+    except ValueError:
+        raise ValueError(f"`path` must lie inside `root` {root}, got {path}") from None
+    with ConfinedFolder.open(root, create=True) as top:
+        return top.folders(parts)
+
+
+def atomic_write(path: Path, write: Callable[[IO[bytes]], None], *, root: Path | None = None) -> None:
+    """Write `path` through a temp file in its folder, fsync, then rename it into place.
+
+    Nothing is written or deleted through a symlink; with `root`, no folder between `root`
+    and `path` may be one (`sidecar.confined`). The temp file gets the usual umask
+    permissions (not `mkstemp`'s 0600), so the gallery's web server can read the result.
+    """
+    with _parent_folder(Path(path), root) as folder:
+        folder.write_atomic(Path(path).name, write)
 
 
 def _exif_with_comment(text: str) -> bytes | None:
@@ -242,6 +246,11 @@ def _encode_image(image: Image.Image, pil_format: str, text: str) -> Callable[[I
     return lambda handle: converted.save(handle, format="WEBP", quality=WEBP_QUALITY, **extra)
 
 
+def is_transient_write_error(error: OSError) -> bool:
+    """A write error that passes: the disk fills and frees, a device hiccups, a file is busy."""
+    return error.errno in TRANSIENT_WRITE_ERRNOS
+
+
 def write_sample(
     samples_dir: Path,
     step: int,
@@ -252,15 +261,85 @@ def write_sample(
     base_model: str,
     lora_name: str | None,
     arch: str,
+    note: str | None = None,
+    retry_seconds: Sequence[float] | None = None,
+    sleep: Callable[[float], None] = time.sleep,
 ) -> SamplePaths:
-    """Write one sample's `.txt` then its image, each atomically; returns their paths."""
+    """Write one sample's `.txt` then its image, each atomically; returns their paths.
+
+    A transient error (disk full, I/O error, busy) is retried after each wait in
+    `retry_seconds` (default `WRITE_RETRY_SECONDS`), then raised as `SampleWriteError`; no
+    half-written file is left either way. `note` is added to the `.txt` (`NOTE_PREFIX`).
+    """
     key = _image_format(image_format)
     paths = sample_paths(samples_dir, step, request.index, key)
     text = infotext(request, base_model=base_model, lora_name=lora_name, step=step, arch=arch)
-    prompt_bytes = (request.prompt + "\n").encode("utf-8")
-    atomic_write(paths.text, lambda handle: handle.write(prompt_bytes))
-    atomic_write(paths.image, _encode_image(image, IMAGE_FORMATS[key][0], text))
+    encode = _encode_image(image, IMAGE_FORMATS[key][0], text)
+    waits = list(WRITE_RETRY_SECONDS if retry_seconds is None else retry_seconds)
+    tries = len(waits) + 1
+    while True:
+        try:
+            write_prompt_file(samples_dir, paths.text, request.prompt, note=note)
+            atomic_write(paths.image, encode, root=samples_dir)
+            break
+        except OSError as error:
+            if not is_transient_write_error(error):
+                raise
+            if not waits:
+                raise SampleWriteError(
+                    f"cannot write {paths.image}: {error.strerror or error} (tried {tries} times); "
+                    "nothing half-written is left, and the sample is rendered again later"
+                ) from error
+            wait = waits.pop(0)
+            logger.warning("cannot write %s (%s); trying again in %.1f s", paths.image, error.strerror, wait)
+            sleep(wait)
     logger.debug("wrote %s", paths.image)
+    return paths
+
+
+def write_prompt_file(samples_dir: Path, path: Path, prompt: str, *, note: str | None = None) -> None:
+    """A sample's `.txt`: the final prompt, then a `NOTE_PREFIX` line when there is a note."""
+    text = prompt + "\n" + (f"{NOTE_PREFIX}{note}\n" if note else "")
+    data = text.encode("utf-8")
+    atomic_write(path, lambda handle: handle.write(data), root=samples_dir)
+
+
+def link_sample(
+    samples_dir: Path, step: int, request: SampleRequest, source: Path, *, note: str
+) -> SamplePaths | None:
+    """Sample `request.index` at `step` as a hard link of `source`, another step's image of it.
+
+    For a checkpoint whose bytes equal an earlier one's: its image would be the same. The
+    `.txt` is written (with `note`) before the image appears, as for a rendered sample. A
+    filesystem without hard links gets a copy. None when `source` is gone (render it then).
+    Both folders must lie in `samples_dir`; nothing is followed through a symlink.
+    """
+    paths = sample_paths(samples_dir, step, request.index, source.suffix)
+    if paths.image == source:  # a final at the step its metadata names: the image is already there
+        return paths
+    root = Path(samples_dir)
+    try:
+        source_parts = source.parent.relative_to(root).parts
+    except ValueError:
+        return None
+    with ConfinedFolder.open(root) as top:
+        try:
+            source_folder = top.folders(source_parts, create=False)
+        except FileNotFoundError:
+            return None
+        with source_folder:
+            if source_folder.kind(source.name) is None:
+                return None
+            write_prompt_file(samples_dir, paths.text, request.prompt, note=note)
+            with top.folders(paths.image.parent.relative_to(root).parts) as folder:
+                try:
+                    folder.link_atomic(source_folder, source.name, paths.image.name)
+                except FileNotFoundError:
+                    return None
+                except OSError as error:  # EPERM, EXDEV, EMLINK: no hard link here; a copy will do
+                    logger.debug("cannot hard-link %s (%s); copying it", source, error)
+                    data = source_folder.read_bytes(source.name)
+                    folder.write_atomic(paths.image.name, lambda handle: handle.write(data))
     return paths
 
 
@@ -268,17 +347,24 @@ def remove_stale_temp_files(samples_dir: Path) -> int:
     """Delete temp files a killed process left in the sample folders; returns how many.
 
     Run at startup, before rendering: a temp file of a live writer would be removed too.
+    Deletes only inside the samples folder: a step folder that is a symlink is left alone.
     """
     root = Path(samples_dir)
     if not root.is_dir():
         return 0
     removed = 0
-    for folder in (root, *SamplesFolder(root).step_dirs().values()):
-        for candidate in folder.iterdir():
-            if _TEMP_NAME.match(candidate.name) and candidate.is_file():
-                with contextlib.suppress(FileNotFoundError):
-                    candidate.unlink()
-                    removed += 1
+    with ConfinedFolder.open(root) as top:
+        folders = [ConfinedFolder(os.dup(top.fd), root)]
+        for folder in SamplesFolder(root).step_dirs().values():
+            try:
+                folders.append(top.folder(folder.name, create=False))
+            except (UnsafeEntryError, OSError) as error:
+                logger.warning("not cleaning %s: %s", folder, error)
+        for folder in folders:
+            with folder:
+                for name in folder.entries():
+                    if _TEMP_NAME.match(name) and folder.kind(name) == "file" and folder.unlink(name):
+                        removed += 1
     if removed:
         logger.info("removed %d unfinished temp file(s) under %s", removed, root)
     return removed

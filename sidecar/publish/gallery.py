@@ -21,7 +21,7 @@ import json
 import logging
 import os
 import re
-import secrets
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +29,8 @@ from urllib.parse import quote
 
 from PIL import Image
 
-from sidecar.publish.files import TEMP_SUFFIX, atomic_write, read_infotext
+from sidecar.confined import ConfinedFolder
+from sidecar.publish.files import NOTE_PREFIX, atomic_write, read_infotext
 from sidecar.settings import BASELINE_STEP, SamplesFolder
 
 logger = logging.getLogger("sidecar.publish")
@@ -155,9 +156,10 @@ def read_sample_info(image: Path) -> SampleInfo:
     info = parse_infotext(text) if text else SampleInfo(prompt="")
     prompt_file = image.with_suffix(".txt")
     try:
-        prompt = prompt_file.read_text(encoding="utf-8").strip()
+        lines = prompt_file.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError):
-        prompt = ""
+        lines = []
+    prompt = "\n".join(line for line in lines if not line.startswith(NOTE_PREFIX)).strip()
     if prompt:
         info = SampleInfo(prompt=prompt, negative_prompt=info.negative_prompt, params=info.params)
     return info
@@ -179,9 +181,18 @@ def thumbnail_path(samples_dir: Path, image: Path) -> Path:
 
 
 def ensure_thumbnail(samples_dir: Path, image: Path) -> Path:
-    """The thumbnail of `image`, made (atomically) only when missing or older than the image."""
+    """The thumbnail of `image`, made (atomically) only when missing or older than the image.
+
+    Written inside the samples folder only: `.thumbs` or its step folder being a symlink is an
+    `UnsafeEntryError`, never followed.
+    """
     thumb = thumbnail_path(samples_dir, image)
-    if thumb.is_file() and thumb.stat().st_size > 0 and _mtime(thumb) >= _mtime(image):
+    try:
+        found = thumb.lstat()
+    except FileNotFoundError:
+        found = None
+    fresh = found is not None and stat.S_ISREG(found.st_mode) and found.st_size > 0
+    if fresh and found.st_mtime >= _mtime(image):  # type: ignore[union-attr]
         return thumb
     with Image.open(image) as source:
         source.draft("RGB", (THUMB_SIZE_PX, THUMB_SIZE_PX))  # JPEG: decode at reduced size
@@ -189,39 +200,36 @@ def ensure_thumbnail(samples_dir: Path, image: Path) -> Path:
     small.thumbnail((THUMB_SIZE_PX, THUMB_SIZE_PX), Image.Resampling.LANCZOS)  # never enlarges
     buffer = io.BytesIO()
     small.save(buffer, format="WEBP", quality=THUMB_QUALITY)
-    _replace_file(thumb, buffer.getvalue())
+    data = buffer.getvalue()
+    # No fsync (`durable=False`): a thumbnail is a cache (a thousand fsyncs would make the first
+    # build slow), and one lost to a crash is made again.
+    with ConfinedFolder.open(samples_dir) as top, top.folders((THUMBS_DIR, thumb.parent.name)) as folder:
+        folder.write_atomic(thumb.name, lambda handle: handle.write(data), durable=False)
     return thumb
 
 
-def _replace_file(path: Path, data: bytes) -> None:
-    """Temp file + `os.replace`, without `output.atomic_write`'s fsyncs: a thumbnail is a cache
-    (a thousand fsyncs would make the first build slow), and one lost to a crash is made again."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.{secrets.token_hex(6)}{TEMP_SUFFIX}")
-    try:
-        temp.write_bytes(data)
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-
-
 def remove_orphan_thumbnails(samples_dir: Path, samples: Mapping[int, Mapping[int, Path]]) -> int:
-    """Delete thumbnails whose image is gone (a step re-rendered in another format, a step removed)."""
-    root = Path(samples_dir) / THUMBS_DIR
-    if not root.is_dir():
-        return 0
+    """Delete thumbnails whose image is gone (a step re-rendered in another format, a step removed).
+
+    Deletes inside `.thumbs` only, through no symlink: a `.thumbs` that is one is an `UnsafeEntryError`.
+    """
     wanted = {thumbnail_path(samples_dir, image) for images in samples.values() for image in images.values()}
     removed = 0
-    for folder in root.iterdir():
-        if not folder.is_dir():
-            continue
-        for thumb in folder.iterdir():
-            if thumb.suffix == ".webp" and thumb not in wanted:
-                thumb.unlink(missing_ok=True)
-                removed += 1
-        if not any(folder.iterdir()):
-            folder.rmdir()
+    with ConfinedFolder.open(samples_dir) as top:
+        if not top.require(THUMBS_DIR, "folder"):
+            return 0
+        with top.folder(THUMBS_DIR, create=False) as root:
+            for step_name in root.entries():
+                if root.kind(step_name) != "folder":
+                    continue
+                with root.folder(step_name, create=False) as folder:
+                    for name in folder.entries():
+                        thumb = Path(samples_dir) / THUMBS_DIR / step_name / name
+                        if name.endswith(".webp") and thumb not in wanted and folder.unlink(name):
+                            removed += 1
+                    empty = not folder.entries()
+                if empty:
+                    os.rmdir(step_name, dir_fd=root.fd)
     return removed
 
 
@@ -379,6 +387,6 @@ def build_gallery(samples_dir: Path, *, title: str | None = None) -> Path:
     )
     index_path = samples_dir / INDEX_NAME
     data = page.encode("utf-8")
-    atomic_write(index_path, lambda handle: handle.write(data))
+    atomic_write(index_path, lambda handle: handle.write(data), root=samples_dir)
     logger.info("gallery: %d prompt(s) x %d step(s) in %s", len(infos), len(samples), index_path)
     return index_path

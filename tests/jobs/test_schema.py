@@ -120,8 +120,49 @@ def db(tmp_path: Path) -> Path:
     return tmp_path / "samples" / ".sidecar" / "jobs.sqlite3"
 
 
-def test_schema_version_is_2() -> None:
-    assert SCHEMA_VERSION == 2
+def test_schema_version_is_3() -> None:
+    assert SCHEMA_VERSION == 3
+
+
+def write_v2_store(db: Path) -> None:
+    """A version-2 store: the v1 schema plus `output_json`, content hashes unique."""
+    write_v1_store(db, user_version=None)
+    conn = sqlite3.connect(db)
+    with conn:
+        conn.execute("ALTER TABLE checkpoints ADD COLUMN output_json TEXT")
+        conn.execute("PRAGMA user_version = 2")
+    conn.close()
+
+
+def index_names(db: Path) -> set[str]:
+    conn = sqlite3.connect(db)
+    try:
+        return {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    finally:
+        conn.close()
+
+
+def test_a_version_2_store_is_migrated_and_then_takes_equal_bytes_at_another_step(db: Path) -> None:
+    write_v2_store(db)
+    assert "checkpoints_content_hash" in index_names(db)
+
+    with JobStore(db, now=2.0) as store:
+        assert user_version(db) == SCHEMA_VERSION
+        assert "checkpoints_content_hash" not in index_names(db)  # content no longer unique
+        assert [(c.step, c.state) for c in store.checkpoints()] == [(100, "done"), (200, "pending")]
+        again = store.add_checkpoint(  # a trainer saved step 100's bytes again at step 300
+            Checkpoint(Path("/runs/out/my_lora_000000300.safetensors"), "my_lora", "ai-toolkit", 300),
+            content_hash="hash-100",
+            size_bytes=1000,
+            mtime_ns=1,
+            requests=REQUESTS,
+            now=4.0,
+        )
+        assert again.step == 300 and again.state == "pending"
+        assert again.note is not None and "same bytes as step 100" in again.note
+        linked = {0: Path("/out/100/0.png"), 1: Path("/out/100/1.png")}
+        assert store.identical_done_samples(again.id) == linked
+        assert [c.step for c in store.checkpoints()] == [100, 200, 300]
 
 
 @pytest.mark.parametrize("written_version", [1, None], ids=["v1", "v1-unversioned"])

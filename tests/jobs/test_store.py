@@ -92,12 +92,57 @@ def test_adding_the_same_checkpoint_twice_is_one_row(store: JobStore, tmp_path: 
     assert len(store.samples(first.id)) == 3
 
 
-def test_same_content_at_another_path_merges_final_flag(store: JobStore, tmp_path: Path) -> None:
+def test_same_content_at_another_path_or_step_gets_its_own_row_with_a_note(
+    store: JobStore, tmp_path: Path
+) -> None:
     job = add(store, tmp_path, 500, content_hash="same")
-    final = add(store, tmp_path, 500, final=True, content_hash="same")
-    assert final.id == job.id
-    assert final.is_final
-    assert len(store.checkpoints()) == 1
+    later = add(store, tmp_path, 600, content_hash="same")  # unchanged weights saved again
+    final = add(store, tmp_path, 600, final=True, content_hash="same")  # final equal to the last step
+    assert len({job.id, later.id, final.id}) == 3
+    assert final.is_final and not later.is_final
+    # the final gets a row at the step its metadata names, beside the step file
+    rows = [(c.step, c.state) for c in store.checkpoints()]
+    assert rows == [(500, "pending"), (600, "pending"), (600, "pending")]
+    assert job.note is None
+    for noted in (later, final):
+        assert noted.note is not None and "same bytes as step 500" in noted.note
+        assert "hard links" in noted.note
+    assert [c.id for c in store.status().notes] == [later.id, final.id]
+
+
+def test_identical_done_samples_are_found_by_content_and_settings(store: JobStore, tmp_path: Path) -> None:
+    first = add(store, tmp_path, 100, content_hash="same")
+    assert render_all(store, 1.0) == 100
+    changed_plan = [PLAN[0], request(1, prompt="another prompt"), PLAN[2]]
+    again = add(store, tmp_path, 200, content_hash="same", requests=changed_plan)
+    other = add(store, tmp_path, 300, content_hash="different")
+    assert store.identical_done_samples(again.id) == {0: Path("/out/0.png"), 2: Path("/out/2.png")}
+    assert store.identical_done_samples(other.id) == {}
+    assert store.identical_done_samples(first.id) == {}  # the later one has nothing done
+    assert store.content_needed("same") and store.content_needed("different")
+    render_all(store, 2.0)
+    render_all(store, 2.0)
+    assert not store.content_needed("same")
+
+
+def test_release_claim_costs_no_attempt_and_keeps_done_samples(store: JobStore, tmp_path: Path) -> None:
+    job = add(store, tmp_path, 100)
+    claimed = store.claim_next_checkpoint(1.0)
+    assert claimed is not None and store.checkpoint(job.id).attempts == 1
+    store.mark_sample_done(claimed.samples[0].id, output_path=Path("/out/0.png"), now=1.0)
+
+    released = store.release_claim(job.id, now=2.0, retry_at=60.0, reason="disk full")
+
+    assert (released.state, released.attempts, released.retry_at, released.error) == (
+        "pending",
+        0,
+        60.0,
+        "disk full",
+    )
+    assert [s.state for s in store.samples(job.id)] == ["done", "pending", "pending"]
+    assert store.claim_next_checkpoint(59.0) is None  # waits for `retry_at`
+    again = store.claim_next_checkpoint(60.0)
+    assert again is not None and [s.index for s in again.samples] == [1, 2]
 
 
 def test_rewritten_in_place_keeps_done_samples_and_notes_it(store: JobStore, tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ import pytest
 from factories import sample_request
 from PIL import Image
 
+from sidecar.confined import ConfinedFolder
 from sidecar.errors import ConfigError
 from sidecar.plan.request import SampleRequest
 from sidecar.publish import files as output
@@ -116,7 +117,9 @@ def test_text_is_written_before_the_image(tmp_path, monkeypatch):
     order = []
     real_replace = os.replace
     monkeypatch.setattr(
-        output.os, "replace", lambda src, dst: (order.append(Path(dst).suffix), real_replace(src, dst))
+        output.os,
+        "replace",
+        lambda src, dst, **dirs: (order.append(Path(dst).suffix), real_replace(src, dst, **dirs)),
     )
     _write(tmp_path)
     assert order == [".txt", ".png"]
@@ -125,10 +128,10 @@ def test_text_is_written_before_the_image(tmp_path, monkeypatch):
 def test_failed_rename_leaves_no_image_and_no_temp_file(tmp_path, monkeypatch):
     real_replace = os.replace
 
-    def replace_text_only(src, dst):
+    def replace_text_only(src, dst, **dirs):
         if str(dst).endswith(".png"):
             raise OSError("disk full")
-        real_replace(src, dst)
+        real_replace(src, dst, **dirs)
 
     monkeypatch.setattr(output.os, "replace", replace_text_only)
     with pytest.raises(OSError, match="disk full"):
@@ -174,11 +177,11 @@ def test_temp_files_of_a_killed_process_are_removed_at_startup(tmp_path):
 
 
 def test_a_temp_file_left_by_a_kill_is_recognised_as_stale(tmp_path, monkeypatch):
-    def killed(src, dst):
+    def killed(src, dst, **dirs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(output.os, "replace", killed)
-    monkeypatch.setattr(Path, "unlink", lambda self, missing_ok=False: None)  # a kill skips the cleanup
+    monkeypatch.setattr(ConfinedFolder, "unlink", lambda self, name: False)  # a kill skips the cleanup
     with pytest.raises(KeyboardInterrupt):
         _write(tmp_path)
     monkeypatch.undo()
