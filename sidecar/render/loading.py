@@ -4,6 +4,10 @@ A diffusers folder, a hub id already in the local cache, or a single-file checkp
 (`sd_xl_base_1.0.safetensors`, `flux1-dev.safetensors`), plus the separate VAE and
 text-encoder files trainer configs name (`vae_path`, `clip_l_path`, `clip_g_path`,
 `t5_path`). Every failure is a `ModelError` naming the config key that points to the file.
+
+Weights are loaded from safetensors only (`use_safetensors=True` everywhere): pickled
+weights (`.bin`, `.pt`, `.ckpt`) can run code when loaded. A folder that has only
+pickled weights for a component is refused, saying which and how to convert it once.
 """
 
 from __future__ import annotations
@@ -16,7 +20,36 @@ from diffusers.utils import logging as diffusers_logging
 from transformers.utils import logging as transformers_logging
 
 from sidecar.errors import CheckpointError, ModelError
-from sidecar.weights import refuse_pickle
+from sidecar.weights import PICKLE_SUFFIXES, SAFETENSORS_SUFFIX, refuse_pickle
+
+WEIGHT_SUFFIXES = PICKLE_SUFFIXES | {SAFETENSORS_SUFFIX}
+CONVERT_HINT = (
+    'convert it once, in an environment you trust: `python -c "from diffusers import DiffusionPipeline; '
+    "DiffusionPipeline.from_pretrained('{path}').save_pretrained('{path}-safetensors')\"` (diffusers saves "
+    "safetensors), then point the config at `{path}-safetensors`"
+)
+
+
+def pickled_only(folder: Path) -> list[Path]:
+    """The pickled weight files of `folder` and each folder below it that has no safetensors file."""
+    found: list[Path] = []
+    for current in [folder, *sorted(path for path in folder.rglob("*") if path.is_dir())]:
+        weights = [path for path in current.iterdir() if path.suffix.lower() in WEIGHT_SUFFIXES]
+        if weights and not any(path.suffix.lower() == SAFETENSORS_SUFFIX for path in weights):
+            found += sorted(weights)
+    return found
+
+
+def refuse_pickled_folder(folder: Path, *, key: str) -> None:
+    """A model folder whose weights are pickles only (for any component) is refused with why and how."""
+    pickled = pickled_only(folder)
+    if pickled:
+        names = ", ".join(str(path.relative_to(folder)) for path in pickled[:3])
+        raise ModelError(
+            f"{folder} holds pickled weights only ({names}{', ...' if len(pickled) > 3 else ''}), which "
+            "sidecar never loads (unpickling can run arbitrary code); " + CONVERT_HINT.format(path=folder),
+            key=key,
+        )
 
 
 def load_base_pipeline(
@@ -44,10 +77,20 @@ def load_base_pipeline(
         if path.is_file():
             refuse_pickle(path)
             return pipeline_class.from_single_file(str(path), dtype=dtype, local_files_only=True)
-        return pipeline_class.from_pretrained(str(source), dtype=dtype, local_files_only=True)
+        if path.is_dir():
+            refuse_pickled_folder(path, key="name_or_path")
+        return pipeline_class.from_pretrained(
+            str(source), dtype=dtype, local_files_only=True, use_safetensors=True
+        )
     except CheckpointError as error:
         raise ModelError(str(error), key="name_or_path") from error
     except OSError as error:
+        if "safetensors" in str(error):  # a cached hub model with pickled weights only
+            raise ModelError(
+                f"{source}: no safetensors weights ({str(error).splitlines()[0]}); sidecar never loads "
+                "pickled weights (unpickling can run arbitrary code); " + CONVERT_HINT.format(path=source),
+                key="name_or_path",
+            ) from error
         where = (
             "a single file whose config is not in the local cache"
             if path.is_file()
@@ -68,7 +111,8 @@ def load_vae(source: str | Path, *, dtype: torch.dtype) -> AutoencoderKL:
     """The VAE the config's `model.vae_path` names: a folder or a single file."""
     path = Path(source).expanduser()
     if path.is_dir():
-        return AutoencoderKL.from_pretrained(path, dtype=dtype, local_files_only=True)
+        refuse_pickled_folder(path, key="vae_path")
+        return AutoencoderKL.from_pretrained(path, dtype=dtype, local_files_only=True, use_safetensors=True)
     if path.is_file():
         refuse_pickle(path)
         return AutoencoderKL.from_single_file(str(path), dtype=dtype, local_files_only=True)
@@ -99,7 +143,8 @@ def load_text_encoder(
     path = Path(source).expanduser()
     encoder_class = type(base_encoder)
     if path.is_dir():
-        return encoder_class.from_pretrained(path, dtype=dtype, local_files_only=True)
+        refuse_pickled_folder(path, key=key)
+        return encoder_class.from_pretrained(path, dtype=dtype, local_files_only=True, use_safetensors=True)
     if not path.is_file():
         raise ModelError(f"no such file or folder: {source}", key=key)
     refuse_pickle(path)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from sidecar.errors import ModelError
 from sidecar.render.registry import renderer_class
@@ -96,3 +98,51 @@ def test_missing_vae_file_names_its_key(tmp_path, tiny_models):
 def test_a_vae_folder_replaces_the_bases_vae(tiny_models):
     renderer = renderer_class("sdxl").from_model(tiny_models["sdxl"], vae_path=tiny_models["sdxl"] / "vae")
     assert renderer.pipe.vae.config.latent_channels == 4
+
+
+# --- pickled weights are never loaded ---------------------------------------------------------
+
+
+def _with_pickled_unet(source, folder):
+    """A copy of a tiny diffusers folder whose UNet is a pickle (`diffusion_pytorch_model.bin`) only."""
+    shutil.copytree(source, folder)
+    unet = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    torch.save(load_file(str(unet)), folder / "unet" / "diffusion_pytorch_model.bin")
+    unet.unlink()
+    return folder
+
+
+def test_a_folder_with_only_pickled_weights_is_refused_saying_why_and_how_to_convert(tmp_path, tiny_models):
+    folder = _with_pickled_unet(tiny_models["sdxl"], tmp_path / "pickled-sdxl")
+    with pytest.raises(ModelError) as info:
+        renderer_class("sdxl").from_model(folder)
+    message = str(info.value)
+    assert message.startswith("`model.name_or_path` ")
+    assert "unet/diffusion_pytorch_model.bin" in message
+    assert "never loads (unpickling can run arbitrary code)" in message
+    assert "save_pretrained" in message and f"{folder}-safetensors" in message
+
+
+def test_a_vae_folder_with_only_pickled_weights_is_refused(tmp_path, tiny_models):
+    vae = shutil.copytree(tiny_models["sdxl"] / "vae", tmp_path / "vae")
+    weights = vae / "diffusion_pytorch_model.safetensors"
+    torch.save(load_file(str(weights)), vae / "diffusion_pytorch_model.bin")
+    weights.unlink()
+    with pytest.raises(ModelError, match=r"`model.vae_path` .*vae holds pickled weights only"):
+        renderer_class("sdxl").from_model(tiny_models["sdxl"], vae_path=vae)
+
+
+def test_loading_asks_diffusers_for_safetensors_only(tmp_path, tiny_models, monkeypatch):
+    """Beside the refusal above: diffusers itself is told never to fall back to a pickle."""
+    from diffusers import StableDiffusionXLPipeline
+
+    seen: dict[str, object] = {}
+    original = StableDiffusionXLPipeline.from_pretrained.__func__  # type: ignore[attr-defined]
+
+    def spy(cls, *args, **kwargs):
+        seen.update(kwargs)
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(StableDiffusionXLPipeline, "from_pretrained", classmethod(spy))
+    renderer_class("sdxl").from_model(tiny_models["sdxl"])
+    assert seen.get("use_safetensors") is True
