@@ -84,8 +84,60 @@ class YamlLocator:
         return self.error(path, "").location
 
 
+# Values a config may hold once its aliases are expanded. Trainer configs hold hundreds; an
+# alias bomb ("billion laughs": nine aliases of nine aliases...) holds billions, which every
+# walk of the data (line index, validation, the sample plan) would expand.
+MAX_YAML_VALUES = 100_000
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [child for pair in node.value for child in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
+
+
+def check_expansion(root: yaml.Node, display: str, *, limit: int = MAX_YAML_VALUES) -> None:
+    """Refuse a document whose aliases expand past `limit` values, or refer to themselves.
+
+    Counted on the composed nodes (an alias is the same node object as its anchor), so
+    nothing is expanded to count it. Raises `ConfigError` at the line of the smallest part
+    that is too big, or of the node that contains itself.
+    """
+    sizes: dict[int, int] = {}
+    visiting: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        key = id(node)
+        if children_done:
+            visiting.discard(key)
+            sizes[key] = 1 + sum(sizes[id(child)] for child in _children(node))
+            if sizes[key] > limit:
+                raise ConfigError(
+                    f"YAML aliases here expand to more than {limit} values (an alias bomb?); "
+                    "a trainer config needs far fewer",
+                    file=display,
+                    line=node.start_mark.line + 1,
+                )
+            continue
+        if key in sizes:
+            continue
+        if key in visiting:
+            raise ConfigError(
+                "a YAML alias refers to a value that contains it (a recursive structure); "
+                "a trainer config never needs one",
+                file=display,
+                line=node.start_mark.line + 1,
+            )
+        visiting.add(key)
+        stack.append((node, True))
+        stack.extend((child, False) for child in _children(node) if id(child) not in sizes)
+
+
 def read_yaml(path: Path) -> tuple[Any, YamlLocator]:
-    """Parse once, keeping both the data and each node's line."""
+    """Parse once, keeping both the data and each node's line; aliases are bounded (`check_expansion`)."""
     display = str(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -100,7 +152,11 @@ def read_yaml(path: Path) -> tuple[Any, YamlLocator]:
     loader = yaml.SafeLoader(text)
     try:
         node = loader.get_single_node()
+        if node is not None:
+            check_expansion(node, display)
         data = loader.construct_document(node) if node is not None else None
+    except RecursionError:
+        raise ConfigError("invalid YAML: nested too deeply", file=display) from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         problem = exc.problem or exc.context or "syntax error"
