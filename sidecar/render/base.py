@@ -10,6 +10,7 @@ always diffusers' own.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 from abc import ABC, abstractmethod
@@ -22,13 +23,14 @@ from diffusers import DiffusionPipeline
 from PIL import Image
 
 from sidecar.arch import ArchSpec
-from sidecar.errors import LoraError, ModelError, TransientError
+from sidecar.errors import LoraError, ModelError
 from sidecar.plan.request import SampleRequest
 from sidecar.render.adapters.lora_files import LoraFile, LoraReport
 from sidecar.render.adapters.swap import AdapterSlot
 from sidecar.render.devices import free_cuda_cache, is_cuda_oom
 from sidecar.render.loading import load_base_pipeline, load_text_encoder, load_vae
 from sidecar.render.memory import Placement
+from sidecar.render.model_sizes import BACKBONE, COMPONENTS
 from sidecar.render.schedulers import make_scheduler
 from sidecar.samplers import sampler_spec
 
@@ -98,6 +100,25 @@ class Renderer(ABC):
     def device(self) -> torch.device:
         return self.pipe._execution_device
 
+    @property
+    def encode_device(self) -> torch.device:
+        """Where prompts are encoded: the CPU when the plan keeps the text encoders there."""
+        if self.placement is not None and self.placement.encoders_on_cpu:
+            return torch.device("cpu")
+        return self.device
+
+    @property
+    def backbone(self) -> torch.nn.Module:
+        """The transformer or UNet: what `model.quantize` stores in 8 bits."""
+        name = next(name for name, role in COMPONENTS[self.spec.name].items() if role == BACKBONE)
+        return getattr(self.pipe, name)
+
+    def _encoders_attached(self) -> contextlib.AbstractContextManager[None]:
+        """Text encoders held on the CPU rejoin the pipeline for a LoRA change or an encode."""
+        if self.placement is None:
+            return contextlib.nullcontext()
+        return self.placement.encoders_attached(self.pipe)
+
     # -- LoRA ----------------------------------------------------------------------------
 
     @property
@@ -109,11 +130,20 @@ class Renderer(ABC):
         """Swap the loaded LoRA for the one at `path`, without reloading the base.
 
         See `sidecar.render.adapters.swap` for the three ways. Raises `LoraError` when the
-        LoRA does not apply to this base; the base is then left without any LoRA.
+        LoRA does not apply to this base; the base is then left without any LoRA. CUDA
+        running out of memory meanwhile steps to a stronger memory mode and applies it again.
         """
-        in_place = self.placement is None or self.placement.mode == "none"
+
+        def apply() -> LoraReport:
+            in_place = self.placement is None or self.placement.mode == "none"
+            with self._encoders_attached():
+                return self.adapter.apply(path, in_place_allowed=in_place)
+
         try:
-            report = self.adapter.apply(path, in_place_allowed=in_place)
+            if self.placement is None:
+                report = apply()
+            else:
+                report = self.placement.run(self.pipe, apply, phase="applying the LoRA")
         except LoraError:
             self._forget_lora_embeddings()
             raise
@@ -127,7 +157,8 @@ class Renderer(ABC):
 
     def remove_lora(self) -> None:
         """Unload the LoRA: the pipeline renders the base model again."""
-        self.adapter.remove()
+        with self._encoders_attached():
+            self.adapter.remove()
         self._forget_lora_embeddings()
 
     def _forget_lora_embeddings(self) -> None:
@@ -151,8 +182,9 @@ class Renderer(ABC):
     ) -> Iterator[tuple[SampleRequest, Image.Image]]:
         """`render`, stepping to a stronger memory mode on CUDA out-of-memory.
 
-        The stronger mode is kept for later checkpoints; the images not yet yielded are
-        rendered again in it. With no stronger mode left it is a `TransientError`.
+        Encoding, denoising and decoding all happen in here. The stronger mode is kept for
+        later checkpoints; the images not yet yielded are rendered again in it. With no
+        stronger mode left it is `memory.OutOfMemoryError`, with the plan's figures.
         """
         remaining = list(requests)
         while remaining:
@@ -164,10 +196,7 @@ class Renderer(ABC):
                 placement = self.placement
                 if not is_cuda_oom(error) or placement is None:
                     raise
-                if not placement.step_down(self.pipe):
-                    raise TransientError(
-                        f"CUDA out of memory on {placement.device} even with offload={placement.mode}"
-                    ) from error
+                placement.step_down(self.pipe, phase="rendering", error=error)
 
     def render(
         self, requests: Sequence[SampleRequest], *, batch_size: int = 1
@@ -195,7 +224,12 @@ class Renderer(ABC):
         embeddings = [self.embeddings(request) for request in batch]
         first = batch[0]
         self.pipe.scheduler = make_scheduler(self.spec.name, first.sampler, self.base_scheduler_config)
-        arguments = self.call_arguments(batch, stack_embeddings(embeddings))
+        device = self.device
+        stacked = {
+            name: value.to(device) if value is not None else None
+            for name, value in stack_embeddings(embeddings).items()
+        }  # encoded on the CPU when the plan keeps the text encoders there
+        arguments = self.call_arguments(batch, stacked)  # type: ignore[arg-type]
         arguments.update(
             height=first.height,
             width=first.width,
@@ -218,7 +252,8 @@ class Renderer(ABC):
         key = self._embedding_key(request)
         if key not in self._embeddings:
             lora_scale = request.strength if key[2] is not None else None
-            with torch.no_grad():  # as inside `__call__`: autograd changes the attention kernels
+            # as inside `__call__`: autograd changes the attention kernels
+            with torch.no_grad(), self._encoders_attached():
                 self._embeddings[key] = self.encode(request.prompt, request.negative_prompt, lora_scale)
         return self._embeddings[key]
 
@@ -240,6 +275,8 @@ class Renderer(ABC):
         placement = self.placement
         if placement is None or placement.device.type != "cuda" or placement.mode != "none":
             return
+        if placement.encoders_on_cpu:
+            return  # encoded on the CPU (`encode_device`), never brought to the card
         missing = [request for request in requests if self._embedding_key(request) not in self._embeddings]
         if missing:
             self._move_text_encoders(placement.device)

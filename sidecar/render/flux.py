@@ -16,6 +16,7 @@ from diffusers import FluxPipeline
 from sidecar.arch import FLUX
 from sidecar.plan.request import SampleRequest
 from sidecar.render.base import Embeddings, Renderer
+from sidecar.render.model_sizes import TEXT_ENCODER_KEYS
 
 T5_MAX_SEQUENCE_LENGTH = 512  # the pipeline's default; kept so images equal a plain call's
 
@@ -26,7 +27,7 @@ class FluxRenderer(Renderer):
     spec = FLUX
     pipeline_class = FluxPipeline
     attention_kwargs = "joint_attention_kwargs"
-    text_encoder_keys: ClassVar[dict[str, str]] = {"clip_l_path": "text_encoder", "t5_path": "text_encoder_2"}
+    text_encoder_keys: ClassVar[dict[str, str]] = TEXT_ENCODER_KEYS["flux"]
 
     def encode(self, prompt: str, negative_prompt: str, lora_scale: float | None) -> Embeddings:
         """Flux has no negative embeddings of its own: the negative prompt is encoded like
@@ -47,7 +48,7 @@ class FluxRenderer(Renderer):
         embeds, pooled, _text_ids = self.pipe.encode_prompt(
             prompt=text,
             prompt_2=None,
-            device=self.device,
+            device=self.encode_device,
             num_images_per_prompt=1,
             max_sequence_length=T5_MAX_SEQUENCE_LENGTH,
             lora_scale=lora_scale,

@@ -14,31 +14,35 @@ Memory modes, from fastest to leanest:
 - `group`: diffusers' block-level group offload, one block of each component at a time.
 - `sequential`: accelerate's sequential offload, one layer at a time (slowest).
 The three offload modes also tile and slice the VAE decode, whose activations are
-the largest single allocation of a 1024 px render.
+the largest single allocation of a 1024 px render. `auto` takes the mode the memory
+plan (`memory_plan.py`) picks for the card's free memory, from the loaded modules' own
+shapes: the same figures `sidecar check --vram` prints from the files' headers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from dataclasses import dataclass
-from typing import Any, Literal
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
 
 import torch
 
+from sidecar.arch import arch_from_pipeline_class
 from sidecar.errors import SidecarError
-from sidecar.render.devices import allocated_bytes, free_cuda_cache
+from sidecar.render.devices import allocated_bytes, free_cuda_cache, is_cuda_oom
+from sidecar.render.memory_plan import MODES, MemoryPlan, choose, plan_from_tensors
+from sidecar.render.model_sizes import COMPONENTS
 from sidecar.settings import OFFLOAD_MODES
+from sidecar.weights import TensorInfo
 
 logger = logging.getLogger("sidecar.render")
 
 MemoryMode = Literal["none", "model", "group", "sequential"]
 # Order of the OOM fallback: each step holds less on the device than the one before.
-MODE_STRENGTH_ORDER: tuple[MemoryMode, ...] = ("none", "model", "group", "sequential")
+MODE_STRENGTH_ORDER: tuple[MemoryMode, ...] = MODES  # type: ignore[assignment]
 
-ACTIVATION_FACTOR = 1.3  # weights x this covers activations of a 1024 px render
-HEADROOM_BYTES = 2 * 1024**3  # CUDA context, cuBLAS workspace, VAE decode, fragmentation
-GROUP_MIN_FREE_BYTES = 3 * 1024**3  # below this even one block group plus activations is tight
-LARGEST_COMPONENT_SHARE = 0.75  # the denoiser's share of a pipeline when not measured
 GROUP_BLOCKS_PER_GROUP = 1  # blocks onloaded together in `group` mode
 # Streams overlap transfers with compute but pin a host copy of every weight; off until
 # measured on the cards we target (see bench/gpu_check.sh).
@@ -67,29 +71,51 @@ def component_bytes(pipe: Any) -> dict[str, int]:
     return sizes
 
 
-def choose_memory_mode(
-    model_bytes: int, free_bytes: int, *, largest_component_bytes: int | None = None
-) -> MemoryMode:
-    """The fastest memory mode likely to fit `model_bytes` of weights into `free_bytes`.
+_TORCH_DTYPE_NAMES = {
+    torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+    torch.int64: "I64", torch.int32: "I32", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+}  # fmt: skip
+_RUN_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+T = TypeVar("T")
 
-    `none` needs every weight plus activations (x ACTIVATION_FACTOR) and HEADROOM_BYTES;
-    `model` the same for the largest component alone (estimated as
-    LARGEST_COMPONENT_SHARE of the model when not given); `group` needs
-    GROUP_MIN_FREE_BYTES; anything less gets `sequential`. Estimates, not promises:
-    the OOM fallback (`MemoryPolicy`) catches the cases they get wrong.
+
+class OutOfMemoryError(SidecarError):
+    """CUDA ran out of memory in the leanest mode: the step fails, with the plan's figures."""
+
+
+def plan_pipeline(pipe: Any, *, quantize: str | None = None, low_vram: bool = False) -> MemoryPlan | None:
+    """The memory plan of a loaded pipeline, from its modules' names, shapes and dtypes.
+
+    The same arithmetic as `sidecar check` on the files' headers; None for a pipeline of
+    an architecture sidecar does not know (a test double).
     """
-    if model_bytes < 0 or free_bytes < 0:
-        raise ValueError(f"sizes must be >= 0, got model_bytes={model_bytes}, free_bytes={free_bytes}")
-    largest = largest_component_bytes
-    if largest is None:
-        largest = int(model_bytes * LARGEST_COMPONENT_SHARE)
-    if model_bytes * ACTIVATION_FACTOR + HEADROOM_BYTES <= free_bytes:
-        return "none"
-    if largest * ACTIVATION_FACTOR + HEADROOM_BYTES <= free_bytes:
-        return "model"
-    if free_bytes >= GROUP_MIN_FREE_BYTES:
-        return "group"
-    return "sequential"
+    arch = arch_from_pipeline_class(type(pipe).__name__)
+    if arch is None:
+        return None
+    modules = module_components(pipe)
+    found = {}
+    for name in COMPONENTS[arch]:
+        module = modules.get(name)
+        if module is None:
+            continue
+        tensors, seen = {}, set()
+        for key, value in module.state_dict(keep_vars=True).items():
+            if id(value) not in seen:  # tied weights (T5's `shared`, `embed_tokens`) are stored once
+                seen.add(id(value))
+                tensors[key] = TensorInfo(
+                    _TORCH_DTYPE_NAMES.get(value.dtype, "F32"), tuple(value.shape), (0, 0)
+                )
+        found[name] = (tensors, f"loaded {type(module).__name__}")
+    backbone = next(name for name, role in COMPONENTS[arch].items() if role == "backbone")
+    dtype = _RUN_DTYPES.get(getattr(modules.get(backbone), "dtype", None), "fp32")
+    return plan_from_tensors(arch, found, dtype=dtype, quantize=quantize, low_vram=low_vram)
+
+
+def plan_for_card(plan: MemoryPlan, device: torch.device) -> MemoryPlan:
+    """`plan` with the mode chosen for the free memory of the CUDA card `device`."""
+    free_cuda_cache(device)  # what an OOM or the detached weights left in torch's cache
+    free_bytes, _total = torch.cuda.mem_get_info(device)
+    return choose(plan, free_bytes, label=str(device))
 
 
 def next_stronger_mode(mode: str) -> MemoryMode | None:
@@ -125,19 +151,13 @@ def apply_memory_mode(
             logger.info("offload=%s means nothing on %s; keeping the whole pipeline there", mode, device)
         applied: MemoryMode = "none"
     elif mode == "auto":
-        free_cuda_cache(device)  # what an OOM or the detached weights left in torch's cache
-        sizes = component_bytes(pipe)
-        total, largest = sum(sizes.values()), max(sizes.values(), default=0)
-        free_bytes, _total = torch.cuda.mem_get_info(device)
-        applied = choose_memory_mode(total, free_bytes, largest_component_bytes=largest)
-        logger.info(
-            "offload=auto chose %s: model %.1f GiB, largest component %.1f GiB, %.1f GiB free on %s",
-            applied,
-            total / 1024**3,
-            largest / 1024**3,
-            free_bytes / 1024**3,
-            device,
-        )
+        plan = plan_pipeline(pipe)
+        if plan is None:
+            applied = "model"
+        else:
+            plan = plan_for_card(plan, device)
+            applied = plan.mode  # type: ignore[assignment]
+            logger.info("offload=auto on %s: %s", device, plan.reason)
     else:
         applied = mode  # type: ignore[assignment]
     _place(pipe, applied, device)
@@ -229,11 +249,8 @@ def unpark(pipe: Any, device: torch.device, mode: str) -> MemoryMode:
 class MemoryPolicy:
     """The memory mode to render in, stepping to a stronger one after each CUDA OOM.
 
-    The renderer catches an OOM (`is_cuda_oom`), calls `free_cuda_cache`, asks
-    `on_oom()` for the next mode, re-applies it with `apply_memory_mode` and retries
-    the image once; the stronger mode is kept for every later checkpoint, since the
-    same model will not fit better next time. Start it with the mode
-    `apply_memory_mode` returned (never `auto`).
+    The stronger mode is kept for every later checkpoint, since the same model will not
+    fit better next time. Start it with an applied mode (never `auto`).
     """
 
     def __init__(self, mode: str) -> None:
@@ -250,9 +267,6 @@ class MemoryPolicy:
         self.oom_count += 1
         stronger = next_stronger_mode(self.mode)
         if stronger is None:
-            logger.error(
-                "CUDA out of memory with offload=%s, the leanest mode; giving up on this image", self.mode
-            )
             return None
         logger.warning("CUDA out of memory with offload=%s; retrying with offload=%s", self.mode, stronger)
         self.mode = stronger
@@ -261,20 +275,115 @@ class MemoryPolicy:
 
 @dataclass
 class Placement:
-    """Where a renderer's pipeline lives, and in which memory mode.
+    """Where a renderer's pipeline lives, in which memory mode, and where its text encoders wait.
 
-    The two things that move a loaded pipeline go through here: the OOM fallback
-    (`step_down`, a stronger mode kept for later checkpoints) and GPU sharing
-    (`park` between renders, `unpark` when a slot opens).
+    Everything that moves a loaded pipeline goes through here: the first placement
+    (`place`, `auto` resolved by the memory plan), the OOM fallback at any phase (`run`:
+    free the cache, the next stronger mode, again; kept for later checkpoints), and GPU
+    sharing (`park` between renders, `unpark` when a slot opens).
+
+    With `encoders_on_cpu` the text encoders are held out of the pipeline (`held`), in CPU
+    RAM with no offload hook, so no mode ever moves them to the card; they join it only
+    while prompts are encoded on the CPU or a LoRA is applied (`encoders_attached`).
     """
 
     device: torch.device
     policy: MemoryPolicy
+    plan: MemoryPlan | None = None
+    encoder_names: tuple[str, ...] = ()
+    encoders_on_cpu: bool = False
     parked: bool = False
+    held: dict[str, torch.nn.Module] = field(default_factory=dict)
+
+    @classmethod
+    def place(
+        cls,
+        pipe: Any,
+        mode: str,
+        device: torch.device,
+        *,
+        plan: MemoryPlan | None = None,
+        encoder_names: tuple[str, ...] = (),
+    ) -> Placement:
+        """Place `pipe` in `mode` (`auto`: the plan's choice for the card), stepping to a
+        stronger mode if CUDA runs out of memory while the weights move to the card."""
+        _check_mode(mode)
+        device = torch.device(device)
+        plan = plan if plan is not None else plan_pipeline(pipe)
+        encoders_on_cpu = False
+        if device.type != "cuda":
+            mode = "none"
+        elif mode == "auto" and plan is None:
+            mode = "model"
+        elif mode == "auto":
+            plan = plan_for_card(plan, device)
+            mode, encoders_on_cpu = plan.chosen.mode, plan.chosen.encoders_on_cpu  # type: ignore[union-attr]
+            logger.info("offload=auto on %s: %s", device, plan.reason)
+        placement = cls(device, MemoryPolicy(mode), plan, encoder_names, encoders_on_cpu)
+        placement.run(pipe, lambda: placement.apply(pipe), phase="loading")
+        return placement
 
     @property
     def mode(self) -> MemoryMode:
         return self.policy.mode
+
+    def apply(self, pipe: Any) -> None:
+        """(Re)place `pipe` in the policy's mode, text encoders held on the CPU if so planned."""
+        if self.encoders_on_cpu and self.encoder_names and not self.held:
+            detach(pipe)
+            self.held = hold_modules(pipe, self.encoder_names)
+        apply_memory_mode(pipe, self.policy.mode, self.device)
+
+    @contextlib.contextmanager
+    def encoders_attached(self, pipe: Any) -> Iterator[None]:
+        """The held text encoders back in the pipeline (on the CPU) for the block's duration."""
+        if not self.held:
+            yield
+            return
+        for name, module in self.held.items():
+            setattr(pipe, name, module)
+        try:
+            yield
+        finally:
+            for name in self.held:
+                setattr(pipe, name, None)
+
+    def run(self, pipe: Any, action: Callable[[], T], *, phase: str) -> T:
+        """`action()`, stepping to a stronger memory mode and again after each CUDA OOM.
+
+        With no stronger mode left it raises `OutOfMemoryError` with the plan's figures.
+        """
+        while True:
+            try:
+                return action()
+            except Exception as error:
+                if not is_cuda_oom(error):
+                    raise
+                self.step_down(pipe, phase=phase, error=error)
+
+    def step_down(self, pipe: Any, *, phase: str = "rendering", error: BaseException | None = None) -> None:
+        """After a CUDA OOM: free the cache and re-place the pipeline in the next stronger mode.
+
+        After `sequential`, the text encoders move to the CPU for good; after that there is
+        nothing left and it raises `OutOfMemoryError` naming the plan's estimates.
+        """
+        free_cuda_cache(self.device)
+        if self.policy.on_oom() is None:
+            if not self.encoder_names or self.encoders_on_cpu:
+                raise OutOfMemoryError(self.failure_message(phase, error)) from error
+            logger.warning("CUDA out of memory with offload=sequential; text encoders now wait on the CPU")
+            self.encoders_on_cpu = True
+        self.apply(pipe)
+
+    def failure_message(self, phase: str, error: BaseException | None) -> str:
+        where = ", text encoders on the CPU" if self.encoders_on_cpu else ""
+        first = str(error).splitlines()[0] if error is not None else "out of memory"
+        figures = self.plan.summary() if self.plan is not None else "no memory plan"
+        return (
+            f"CUDA out of memory on {self.device} while {phase}, even with offload={self.mode}{where} "
+            f"({first}); {figures}. Free memory on the card, render smaller samples, "
+            "or set `model.quantize: true`"
+        )
 
     def park(self, pipe: Any) -> None:
         """Weights to CPU RAM, CUDA cache emptied; no-op when already parked or on the CPU."""
@@ -291,14 +400,19 @@ class Placement:
         unpark(pipe, self.device, self.policy.mode)
         self.parked = False
 
-    def step_down(self, pipe: Any) -> bool:
-        """After a CUDA OOM: free the cache and re-place the pipeline in the next stronger mode.
 
-        Returns False when no stronger mode is left (the caller gives the image up).
-        """
-        free_cuda_cache(self.device)
-        mode = self.policy.on_oom()
-        if mode is None:
-            return False
-        apply_memory_mode(pipe, mode, self.device)
-        return True
+def hold_modules(pipe: Any, names: tuple[str, ...]) -> dict[str, torch.nn.Module]:
+    """Take `names` out of the pipeline (set to None), on the CPU: no offload mode sees them.
+
+    diffusers' pipelines take prompt embeddings without their text encoders, and
+    `_execution_device` then looks only at the components that run on the card.
+    """
+    held = {}
+    for name in names:
+        module = getattr(pipe, name, None)
+        if isinstance(module, torch.nn.Module):
+            held[name] = module.to("cpu")
+            setattr(pipe, name, None)
+    if held:
+        logger.info("%s wait in CPU RAM and encode there (memory plan)", ", ".join(held))
+    return held

@@ -12,7 +12,8 @@ from importlib import import_module
 from sidecar.plan.request import ModelSource
 from sidecar.render.base import Renderer
 from sidecar.render.devices import resolve_device, resolve_dtype
-from sidecar.render.memory import MemoryPolicy, Placement, apply_memory_mode
+from sidecar.render.memory import Placement, plan_pipeline
+from sidecar.render.quantize import quantization_type, quantize_backbone
 
 logger = logging.getLogger("sidecar.render")
 
@@ -46,20 +47,33 @@ def load_renderer(
     """
     torch_device = resolve_device(device=device, gpu=gpu)
     torch_dtype = resolve_dtype(dtype, torch_device)
+    qtype = quantization_type(model.quantize)
     renderer = renderer_class(model.arch).from_model(
         model.name_or_path,
         vae_path=model.vae_path,
         text_encoder_paths=dict(model.text_encoder_paths),
         dtype=torch_dtype,
     )
-    mode = apply_memory_mode(renderer.pipe, offload, torch_device)
-    renderer.placement = Placement(device=torch_device, policy=MemoryPolicy(mode))
+    if qtype is not None:  # in CPU RAM, before anything reaches the card (ai-toolkit's low_vram way)
+        quantize_backbone(renderer.backbone, qtype)
+    plan = plan_pipeline(renderer.pipe, quantize=qtype, low_vram=model.low_vram)
+    if model.low_vram and offload == "none":
+        offload = "auto"  # the plan starts at `model` offload: never the whole pipeline on the card
+    renderer.placement = Placement.place(
+        renderer.pipe,
+        offload,
+        torch_device,
+        plan=plan,
+        encoder_names=tuple(renderer.text_encoder_keys.values()),
+    )
     logger.info(
-        "loaded %s base %s on %s (%s, offload=%s)",
+        "loaded %s base %s on %s (%s%s, offload=%s%s)",
         renderer.spec.label,
         model.name_or_path,
         torch_device,
         str(torch_dtype).removeprefix("torch."),
-        mode,
+        f", backbone in {qtype}" if qtype else "",
+        renderer.placement.mode,
+        ", text encoders on the CPU" if renderer.placement.encoders_on_cpu else "",
     )
     return renderer

@@ -10,6 +10,7 @@ from diffusers import StableDiffusion3Pipeline
 from sidecar.arch import SD3
 from sidecar.plan.request import SampleRequest
 from sidecar.render.base import Embeddings, Renderer
+from sidecar.render.model_sizes import TEXT_ENCODER_KEYS
 
 T5_MAX_SEQUENCE_LENGTH = 256  # the pipeline's default; kept so images equal a plain call's
 
@@ -20,18 +21,14 @@ class SD3Renderer(Renderer):
     spec = SD3
     pipeline_class = StableDiffusion3Pipeline
     attention_kwargs = "joint_attention_kwargs"
-    text_encoder_keys: ClassVar[dict[str, str]] = {
-        "clip_l_path": "text_encoder",
-        "clip_g_path": "text_encoder_2",
-        "t5_path": "text_encoder_3",
-    }
+    text_encoder_keys: ClassVar[dict[str, str]] = TEXT_ENCODER_KEYS["sd3"]
 
     def encode(self, prompt: str, negative_prompt: str, lora_scale: float | None) -> Embeddings:
         prompt_embeds, negative_embeds, pooled, negative_pooled = self.pipe.encode_prompt(
             prompt=prompt,
             prompt_2=None,
             prompt_3=None,
-            device=self.device,
+            device=self.encode_device,
             num_images_per_prompt=1,
             do_classifier_free_guidance=True,
             negative_prompt=negative_prompt or None,

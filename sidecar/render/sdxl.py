@@ -10,6 +10,7 @@ from diffusers import StableDiffusionXLPipeline
 from sidecar.arch import SDXL
 from sidecar.plan.request import SampleRequest
 from sidecar.render.base import Embeddings, Renderer
+from sidecar.render.model_sizes import TEXT_ENCODER_KEYS
 
 
 class SDXLRenderer(Renderer):
@@ -19,15 +20,12 @@ class SDXLRenderer(Renderer):
     spec = SDXL
     pipeline_class = StableDiffusionXLPipeline
     attention_kwargs = "cross_attention_kwargs"
-    text_encoder_keys: ClassVar[dict[str, str]] = {
-        "clip_l_path": "text_encoder",
-        "clip_g_path": "text_encoder_2",
-    }
+    text_encoder_keys: ClassVar[dict[str, str]] = TEXT_ENCODER_KEYS["sdxl"]
 
     def encode(self, prompt: str, negative_prompt: str, lora_scale: float | None) -> Embeddings:
         prompt_embeds, negative_embeds, pooled, negative_pooled = self.pipe.encode_prompt(
             prompt=prompt,
-            device=self.device,
+            device=self.encode_device,
             num_images_per_prompt=1,
             do_classifier_free_guidance=True,
             negative_prompt=negative_prompt or None,

@@ -8,12 +8,11 @@ from factories import sample_request
 from PIL import Image
 
 from sidecar.app.rendering import render_samples
-from sidecar.errors import TransientError
 from sidecar.plan.request import SampleRequest
 from sidecar.publish.files import read_infotext
 from sidecar.render import memory
 from sidecar.render.base import Renderer
-from sidecar.render.memory import MemoryPolicy, Placement
+from sidecar.render.memory import MemoryPolicy, OutOfMemoryError, Placement
 
 
 def request(index: int, *, seed: int = 1) -> SampleRequest:
@@ -88,10 +87,11 @@ def test_cuda_oom_steps_to_a_stronger_mode_and_renders_the_rest(tmp_path, fake_c
     assert "CUDA out of memory with offload=none; retrying with offload=model" in caplog.text
 
 
-def test_cuda_oom_in_the_leanest_mode_is_a_transient_error(tmp_path, fake_cuda_placement):
+def test_cuda_oom_in_the_leanest_mode_fails_the_step(tmp_path, fake_cuda_placement):
+    """No stronger mode left: a lasting failure (not retried), naming the mode (memory plan: issue 13)."""
     placement, applied = fake_cuda_placement
     placement.policy = MemoryPolicy("sequential")
-    with pytest.raises(TransientError, match="even with offload=sequential"):
+    with pytest.raises(OutOfMemoryError, match="even with offload=sequential"):
         render_samples(
             FakeRenderer(oom_on_calls={1}, placement=placement), [request(0)], samples_dir=tmp_path, step=1
         )

@@ -12,17 +12,15 @@ import pytest
 import torch
 
 from sidecar.errors import SidecarError
-from sidecar.render import memory
+from sidecar.render import memory, memory_plan
 from sidecar.render.devices import allocated_bytes, resolve_device, resolve_dtype
 from sidecar.render.memory import (
-    GROUP_MIN_FREE_BYTES,
-    HEADROOM_BYTES,
     MemoryPolicy,
     apply_memory_mode,
-    choose_memory_mode,
     component_bytes,
     next_stronger_mode,
     park,
+    plan_pipeline,
     unpark,
 )
 from sidecar.testing.tiny import build_pipeline
@@ -32,35 +30,6 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 # --- choosing and stepping memory modes -----------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("model_gib", "largest_gib", "free_gib", "expected"),
-    [
-        (7, 5, 79, "none"),  # SDXL fp16 on an idle H100
-        (7, 5, 20, "none"),
-        (7, 5, 10, "model"),  # SDXL on a 12 GB card with a desktop on it
-        (34, 24, 79, "none"),  # Flux bf16 on an 80 GB card
-        (34, 24, 40, "model"),  # Flux on a 48 GB card
-        (34, 24, 22, "group"),  # Flux on a 24 GB card
-        (34, 24, 2, "sequential"),
-        (0, 0, 0, "sequential"),
-    ],
-)
-def test_choose_memory_mode_table(model_gib, largest_gib, free_gib, expected):
-    got = choose_memory_mode(model_gib * GIB, free_gib * GIB, largest_component_bytes=largest_gib * GIB)
-    assert got == expected
-
-
-def test_choose_memory_mode_boundaries():
-    model = 10 * GIB
-    exact = int(model * memory.ACTIVATION_FACTOR) + HEADROOM_BYTES
-    assert choose_memory_mode(model, exact) == "none"
-    assert choose_memory_mode(model, exact - 1) == "model"  # largest estimated at 75 %
-    assert choose_memory_mode(model * 10, GROUP_MIN_FREE_BYTES) == "group"
-    assert choose_memory_mode(model * 10, GROUP_MIN_FREE_BYTES - 1) == "sequential"
-    with pytest.raises(ValueError):
-        choose_memory_mode(-1, 0)
 
 
 def test_next_stronger_mode_sequence():
@@ -82,7 +51,7 @@ def test_memory_policy_steps_down_and_keeps_the_mode(caplog):
     assert policy.mode == "model"
     assert policy.on_oom() == "group"
     assert policy.on_oom() == "sequential"
-    assert policy.on_oom() is None
+    assert policy.on_oom() is None  # the placement then fails the step, with the plan's figures
     assert policy.mode == "sequential"
     assert policy.oom_count == 4
 
@@ -139,19 +108,18 @@ def test_component_bytes_counts_every_module():
     assert sizes["unet"] >= unet_bytes
 
 
-def test_auto_uses_sizes_and_free_memory(monkeypatch):
-    """On a (faked) CUDA card, `auto` resolves from mem_get_info and the pipeline's size."""
+def test_auto_follows_the_memory_plan_for_the_free_memory(monkeypatch):
+    """On a (faked) CUDA card, `auto` takes the plan's choice for what mem_get_info reports."""
     pipe = build_pipeline("sdxl")
     placed: list[str] = []
     monkeypatch.setattr(memory, "_place", lambda pipe, mode, device: placed.append(mode))
-    total = sum(component_bytes(pipe).values())
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (total // 2, 80 * GIB))
-    assert apply_memory_mode(pipe, "auto", torch.device("cuda", 0)) == "sequential"
-    assert pipe.vae.use_tiling  # offload modes tile the VAE decode
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (80 * GIB, 80 * GIB))
-    assert apply_memory_mode(pipe, "auto", torch.device("cuda", 0)) == "none"
-    assert not pipe.vae.use_tiling
-    assert placed == ["sequential", "none"]
+    plan = plan_pipeline(pipe)
+    needs = {e.mode: memory_plan.needed_bytes(e) for e in plan.estimates if not e.encoders_on_cpu}
+    for free, expected in ((80 * GIB, "none"), (needs["model"] + 1, "model"), (GIB // 2, "sequential")):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None, free=free: (free, 80 * GIB))
+        assert apply_memory_mode(pipe, "auto", torch.device("cuda", 0)) == expected
+        assert pipe.vae.use_tiling == (expected != "none")  # offload modes tile the VAE decode
+    assert placed == ["none", "model", "sequential"]
 
 
 @pytest.mark.parametrize("mode", ["model", "group", "sequential"])
