@@ -21,8 +21,16 @@ the plan validates names against them, publishing writes their labels into infot
 
 Name differences between trainers, and what sidecar does:
 - `k_` prefix: ai-toolkit reads it as Karras sigmas (`k_euler`, `k_lms`, `k_dpmsolver++`);
-  kohya reads `k_euler` as plain Euler. sidecar follows ai-toolkit. `k_euler_a` (kohya
-  only) is plain Euler a, as in kohya: diffusers' Euler ancestral has no Karras sigmas.
+  kohya's `get_my_scheduler` (sd-scripts `library/train_util.py`) reads `k_euler`, `k_euler_a`,
+  `k_lms`, `k_dpm_2`, `k_dpm_2_a` as the k-diffusion names of the plain samplers. The tables
+  below keep ai-toolkit's meaning; a name read from a kohya config goes through
+  `KOHYA_SAMPLERS` first (`trainer_sampler`), so each trainer's name means what its code
+  makes of it. `k_euler_a` is plain Euler a for both: diffusers' Euler ancestral has no
+  Karras sigmas.
+- OneTrainer's `noise_scheduler` values (`modules/util/enum/NoiseScheduler.py`, built in
+  `modules/util/create.py`) and SimpleTuner's `--validation_noise_scheduler`
+  (`SCHEDULER_NAME_MAP` in `simpletuner/helpers/training/validation.py`) map by
+  `ONETRAINER_SAMPLERS` and `SIMPLETUNER_SAMPLERS`.
 - `dpmsolver++` (ai-toolkit, kohya) is DPM-Solver++ multistep of order 2, i.e. DPM++ 2M.
 - `dpm++ 2m sde` is the multistep SDE variant (`sde-dpmsolver++`, OneTrainer's
   DPMPP_SDE), which needs no torchsde; the brownian-tree `DPMSolverSDEScheduler` is not used.
@@ -203,6 +211,82 @@ SAMPLERS_BY_ARCH: dict[str, dict[str, SamplerSpec]] = {
 PIPELINE_READS_FROM_CONFIG = ("base_shift", "max_shift", "base_image_seq_len", "max_image_seq_len")
 
 NAME_RULES = "names are case-insensitive; spaces, '_' and '-' are ignored; '++' may be written 'pp'"
+
+# ---------------------------------------------------------------------------------
+# Trainers' own names -> the canonical names above
+# ---------------------------------------------------------------------------------
+# kohya sd-scripts `--sample_sampler` choices and `--ss` (library/train_util.py,
+# `get_my_scheduler`): the `k_` names are the same schedulers, without Karras sigmas.
+# musubi-tuner has no sampler option. kohya's Flux and SD3 sampling ignores the name
+# (always flow-matching Euler): the kohya reader maps those to `flowmatch` itself.
+KOHYA_SAMPLERS: dict[str, str] = {
+    "ddim": "ddim",
+    "ddpm": "ddpm",
+    "pndm": "pndm",
+    "lms": "lms",
+    "k_lms": "lms",
+    "euler": "euler",
+    "k_euler": "euler",
+    "euler_a": "euler_a",
+    "k_euler_a": "euler_a",
+    "dpmsolver": "dpmsolver",
+    "dpmsolver++": "dpmpp_2m",  # DPMSolverMultistepScheduler(algorithm_type="dpmsolver++"), order 2
+    "dpmsingle": "dpmsingle",
+    "heun": "heun",
+    "dpm_2": "dpm_2",
+    "k_dpm_2": "dpm_2",
+    "dpm_2_a": "dpm_2_a",
+    "k_dpm_2_a": "dpm_2_a",
+}
+KOHYA_FALLBACK_SAMPLER = "ddim"  # what `get_my_scheduler` builds for a name it does not know
+
+# OneTrainer `NoiseScheduler` (modules/util/enum/NoiseScheduler.py), as `create_noise_scheduler`
+# builds them (modules/util/create.py): DPMPP is DPM-Solver++ multistep of order 2.
+ONETRAINER_SAMPLERS: dict[str, str] = {
+    "DDIM": "ddim",
+    "EULER": "euler",
+    "EULER_A": "euler_a",
+    "DPMPP": "dpmpp_2m",
+    "DPMPP_SDE": "dpmpp_2m_sde",
+    "UNIPC": "unipc",
+    "EULER_KARRAS": "euler_karras",
+    "DPMPP_KARRAS": "dpmpp_2m_karras",
+    "DPMPP_SDE_KARRAS": "dpmpp_2m_sde_karras",
+    "UNIPC_KARRAS": "unipc_karras",
+}
+
+# SimpleTuner `--validation_noise_scheduler` (`SCHEDULER_NAME_MAP` and `_configure_scheduler`
+# in simpletuner/helpers/training/validation.py): on flow-matching models `euler` becomes
+# flow-matching Euler and `unipc` flow UniPC, which are sidecar's `flowmatch` and `unipc` there.
+SIMPLETUNER_SAMPLERS: dict[str, str] = {
+    "ddim": "ddim",
+    "ddpm": "ddpm",
+    "euler": "euler",
+    "euler-a": "euler_a",
+    "unipc": "unipc",
+    "dpm++": "dpmpp_2m",
+    "flow_matching": "flowmatch",
+    "flow_match_euler": "flowmatch",
+    "flow_unipc": "unipc",
+}
+
+TRAINER_SAMPLERS: dict[str, dict[str, str]] = {
+    "kohya": KOHYA_SAMPLERS,
+    "onetrainer": ONETRAINER_SAMPLERS,
+    "simpletuner": SIMPLETUNER_SAMPLERS,
+}
+
+
+def trainer_sampler(trainer: str, name: str) -> str:
+    """The canonical name of a trainer's own sampler name (case-insensitive), before the
+    architecture check of `validate_sampler`; raises `SamplerError` listing that trainer's names."""
+    table = TRAINER_SAMPLERS[trainer]
+    by_key = {key.lower(): canonical for key, canonical in table.items()}
+    if isinstance(name, str) and name.strip().lower() in by_key:
+        return by_key[name.strip().lower()]
+    raise SamplerError(
+        f"`sampler` {name!r} is not a {trainer} sampler name; {trainer} names: {', '.join(table)}"
+    )
 
 
 def normalize_sampler_name(name: str) -> str:

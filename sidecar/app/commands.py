@@ -10,8 +10,9 @@ from sidecar.settings import samples_dir
 
 def check(config_path: Path, *, process: int | str | None, prompts_file: Path | None) -> str:
     """`sidecar check CONFIG`: the resolved sample plan, or a located `ConfigError`."""
-    from sidecar.plan.build import build_plan, format_plan
+    from sidecar.plan.build import build_plan
     from sidecar.plan.config import load_trainer_config
+    from sidecar.plan.report import format_plan
 
     config = load_trainer_config(config_path, process=process)
     return format_plan(config, build_plan(config, prompts_file=prompts_file))

@@ -26,7 +26,7 @@ from sidecar.plan.detect import resolve_arch
 from sidecar.plan.locator import YamlLocator, join_path, read_yaml, validate, warn_unknown_keys
 from sidecar.plan.models import QUIET_PROMPT_KEYS, QUIET_SAMPLE_KEYS, ProcessSection, PromptItem, SampleConfig
 from sidecar.settings import Settings
-from sidecar.values import as_text, show
+from sidecar.values import as_bool, as_text, show
 
 logger = logging.getLogger("sidecar.plan")
 
@@ -146,6 +146,7 @@ def read_aitoolkit_config(path: Path, *, process: int | str | None = None) -> Tr
             warn_unknown_keys(item, PromptItem, QUIET_PROMPT_KEYS, f"{sample_path}.{key}[{i}]", locator)
 
     section: ProcessSection = validate(ProcessSection, raw, locator, prefix)
+    _report_train_flags(raw.get("train"), join_path(prefix, "train"), locator)
     try:
         name = as_text(name_raw) if name_raw is not None else path.stem
     except ValueError as exc:
@@ -178,7 +179,36 @@ def read_aitoolkit_config(path: Path, *, process: int | str | None = None) -> Tr
         save=section.save,
         log_dir=_log_dir(data, raw, base),
         locator=locator,
+        trainer="ai-toolkit / EriDiffusion" if nested else "flat sample file",
     )
+
+
+# ai-toolkit's `train:` switches for its own sampling (toolkit/config_modules.py TrainConfig;
+# used in jobs/process/BaseSDTrainProcess.py): what each means for sidecar.
+_TRAIN_FLAGS = {
+    "disable_sampling": "turns off ai-toolkit's own sampling; sidecar renders every checkpoint regardless",
+    "skip_first_sample": "skips ai-toolkit's sample of the base model before training; sidecar renders "
+    "that only with `sidecar render --baseline`",
+    "force_first_sample": "ai-toolkit samples the base model when resuming; sidecar renders that only "
+    "with `sidecar render --baseline`",
+}
+
+
+def _report_train_flags(train: object, path: str, locator: YamlLocator) -> None:
+    """Say what ai-toolkit's sampling switches mean here: sidecar's job is to render, so they
+    do not stop it (`disable_sampling: true` is what a user running sidecar sets)."""
+    if not isinstance(train, Mapping):
+        return
+    for key, meaning in _TRAIN_FLAGS.items():
+        if key not in train:
+            continue
+        try:
+            on = as_bool(train[key])
+        except ValueError as exc:
+            raise locator.error(join_path(path, key), str(exc)) from None
+        if on:
+            level = logging.INFO if key == "disable_sampling" else logging.DEBUG
+            logger.log(level, "%s `%s: true` %s", locator.where(join_path(path, key)), key, meaning)
 
 
 def _log_dir(data: Mapping[str, Any], process: Mapping[str, Any], base: Path) -> Path | None:

@@ -1,24 +1,29 @@
-"""The sample plan: a trainer's `sample:` section turned into concrete sample requests.
+"""The sample plan: a trainer's sample settings turned into concrete sample requests.
 
 How one prompt becomes a request, in order:
 
-1. settings layer up: the architecture's defaults (`ArchSpec`), then the `sample:` section, then a
-   prompt's own mapping keys, then inline flags in its text (`--w 768 --n blurry`), which win, as
-   in ai-toolkit and kohya sd-scripts;
+1. settings layer up: the architecture's defaults (`ArchSpec`), then the config's sample
+   settings (`sample:`, or what a trainer's reader filled in from its own keys), then a prompt's
+   own keys, then inline flags in its text (`--w 768 --n blurry`), which win, as in ai-toolkit
+   and kohya sd-scripts;
 2. the seed: a per-prompt seed (`seed:` or `--d`/`--seed`) wins; else `sample.seed` (42), plus the
-   prompt's index when `walk_seed: true`;
-3. wildcards: `__name__` picks a line of `wildcards/name.txt` beside the config and `{a|b|c}` one
-   option, from a `random.Random` seeded by the prompt's seed, index and text, so the prompt is
-   the same at every step. Choices resolve innermost first, so nesting works; a wildcard may
-   itself hold wildcards, up to `WILDCARD_MAX_DEPTH` rounds;
-4. the trigger word, put in before and after the wildcards, replaces `{trigger_word}`
-   (EriDiffusion), `[trigger]` and `[name]` (ai-toolkit, whose `[name]` also means the trigger
-   word in prompts). As ai-toolkit does for samples, the trigger is not added to a prompt that
-   lacks it. With no trigger word set, a placeholder is removed, with a warning.
+   prompt's index when `walk_seed: true`. A prompt with `random_seed` (OneTrainer), or without a
+   seed under a trainer that draws one per sampling run (kohya, SimpleTuner's
+   `validation_randomize`), gets a new seed per checkpoint step: the request says so
+   (`seed_per_step`) and `SamplePlan.requests_for_step` makes it concrete;
+3. for ai-toolkit / EriDiffusion configs only (`expands_prompts`), wildcards: `__name__` picks a
+   line of `wildcards/name.txt` beside the config and `{a|b|c}` one option, from a
+   `random.Random` seeded by the prompt's seed, index and text, so the prompt is the same at every
+   step (nesting and wildcards inside wildcards resolve, up to `WILDCARD_MAX_DEPTH` rounds);
+4. and the trigger word, put in before and after the wildcards, replaces `{trigger_word}`
+   (EriDiffusion), `[trigger]` and `[name]` (ai-toolkit). As ai-toolkit does for samples, the
+   trigger is not added to a prompt that lacks it; with no trigger word set, a placeholder is
+   removed, with a warning. Other trainers render prompt text as written, and so does sidecar.
 
 Flux guidance: in the YAML (ai-toolkit's meaning) `--l`/`--cfg` set the embedded guidance like
-`guidance_scale`, and `--g` also does and wins; in a kohya prompt file `--l` is true CFG
-(`true_cfg_scale`) and `--g` the embedded guidance. SDXL and SD 3.5 ignore `--g` with a warning.
+`guidance_scale`, and `--g` also does and wins; in a kohya or musubi-tuner prompt file `--l` is
+true CFG (`true_cfg_scale`) and `--g` the embedded guidance. SDXL and SD 3.5 ignore `--g` with a
+warning. The `sidecar check` text is `sidecar.plan.report.format_plan`.
 """
 
 from __future__ import annotations
@@ -29,8 +34,9 @@ from pathlib import Path
 
 from sidecar.arch import ArchSpec
 from sidecar.errors import ConfigError, SamplerError
-from sidecar.plan.config import TrainerConfig
+from sidecar.plan.config import TrainerConfig, resolve_relative
 from sidecar.plan.models import PromptItem
+from sidecar.plan.prompt_files import read_prompt_sources
 from sidecar.plan.prompts import (
     WILDCARD_DIR,
     Origin,
@@ -38,15 +44,14 @@ from sidecar.plan.prompts import (
     Wildcards,
     apply_trigger,
     parse_prompt_flags,
-    read_prompt_file,
 )
-from sidecar.plan.request import SamplePlan, SampleRequest
-from sidecar.samplers import validate_sampler
-from sidecar.settings import SAMPLES_DIR_NAME, samples_dir
+from sidecar.plan.request import Cadence, SamplePlan, SampleRequest
+from sidecar.samplers import KOHYA_FALLBACK_SAMPLER, trainer_sampler, validate_sampler
 
 logger = logging.getLogger("sidecar.plan")
 
 DEFAULT_STRENGTH = 1.0
+AITOOLKIT_DEFAULT_FPS = 16  # ai-toolkit's `fps` when a video sample names none (toolkit/config_modules.py)
 
 
 def _snap(value: int, spec: ArchSpec, key: str, origin: Origin) -> int:
@@ -71,20 +76,46 @@ def _snap(value: int, spec: ArchSpec, key: str, origin: Origin) -> int:
 
 
 def _sources(config: TrainerConfig, prompts_file: Path | None) -> list[Source]:
+    """The prompts in order: the command line's file wins; else the config's file, then its list."""
     if prompts_file is not None:
-        path = Path(prompts_file)
-        return [
-            Source(text, None, Origin(config, file=path, line=line)) for line, text in read_prompt_file(path)
-        ]
+        return read_prompt_sources(Path(prompts_file), config)
+    sources = read_prompt_sources(config.prompts_file, config) if config.prompts_file is not None else []
     key = config.sample.prompts_key
-    return [
-        Source(item.prompt, item, Origin(config, subpath=f"sample.{key}[{i}]"))
+    dialect = "aitoolkit" if config.dialect == "aitoolkit" and config.expands_prompts else "plain"
+    sources += [
+        Source(item.prompt, item, Origin(config, subpath=f"sample.{key}[{i}]"), dialect)
         for i, item in enumerate(config.sample.items)
     ]
+    return sources
 
 
 def _first(*values: object) -> object:
     return next((value for value in values if value is not None), None)
+
+
+def _flag_sampler(config: TrainerConfig, flag: object, source: Source) -> object:
+    """A `--ss` flag as its trainer reads it: kohya names (an unknown one is DDIM, as in
+    `get_my_scheduler`); kohya's Flux and SD 3.5 sampling ignores it (always flow Euler)."""
+    if flag is None or source.dialect not in ("kohya", "musubi"):
+        return flag
+    if config.spec.is_flow_model:
+        logger.debug(
+            "%s `--ss %s`: kohya's %s sampling ignores the sampler (always flow-matching Euler)",
+            source.origin.where(),
+            flag,
+            config.spec.label,
+        )
+        return None
+    try:
+        return trainer_sampler("kohya", str(flag))
+    except SamplerError:
+        logger.warning(
+            "%s `--ss %s` is not a kohya sampler; kohya renders it with %s, and so does sidecar",
+            source.origin.where(),
+            flag,
+            KOHYA_FALLBACK_SAMPLER,
+        )
+        return KOHYA_FALLBACK_SAMPLER
 
 
 def _sampler(config: TrainerConfig, flag: object, own: str | None, origin: Origin) -> str:
@@ -98,10 +129,59 @@ def _sampler(config: TrainerConfig, flag: object, own: str | None, origin: Origi
         raise origin.error(str(error)) from None
 
 
-def build_plan(config: TrainerConfig, *, prompts_file: Path | None = None) -> SamplePlan:
-    """The concrete requests for `config`'s sample section (or a kohya `prompts_file` instead)."""
+def _guidance(config: TrainerConfig, source: Source, item: PromptItem, flags: dict) -> tuple[float, float]:
+    """(guidance_scale, true_cfg_scale) as the source's trainer reads its keys and flags."""
     spec, sample = config.spec, config.sample
-    is_flux = config.arch == "flux"
+    cfg, embedded = flags.get("cfg"), flags.get("embedded_guidance")
+    true_cfg = _first(item.true_cfg_scale, sample.true_cfg_scale)
+    if config.arch == "flux":
+        if source.dialect in ("kohya", "musubi"):  # --l is true CFG, --g the embedded guidance
+            guidance = _first(embedded, item.guidance_scale, sample.guidance_scale, spec.default_guidance)
+            return float(guidance), float(_first(cfg, true_cfg))  # type: ignore[arg-type]
+        # ai-toolkit: --l / --cfg and --g both set the embedded guidance; --g wins
+        guidance = _first(embedded, cfg, item.guidance_scale, sample.guidance_scale, spec.default_guidance)
+        return float(guidance), float(true_cfg)  # type: ignore[arg-type]
+    if embedded is not None:
+        logger.warning(
+            "%s `--g` (Flux embedded guidance) is ignored on %s; use `--l`", source.origin.where(), spec.label
+        )
+    if item.true_cfg_scale is not None and item.true_cfg_scale != 1.0:
+        logger.warning(
+            "%s `true_cfg_scale` is for Flux only; ignored on %s", source.origin.where(), spec.label
+        )
+    guidance = _first(cfg, item.guidance_scale, sample.guidance_scale, spec.default_guidance)
+    return float(guidance), 1.0  # type: ignore[arg-type]
+
+
+def _media(config: TrainerConfig, source: Source, item: PromptItem, flags: dict) -> dict[str, object]:
+    """Control images, start image, frames and fps: carried for the stages that render them."""
+    base = source.origin.file.parent if source.origin.file is not None else config.config_dir
+    images = (*(flags.get("control_images") or ()), *item.all_control_images)  # type: ignore[misc]
+    init_image = _first(flags.get("init_image"), item.init_image)
+    frames = int(_first(flags.get("num_frames"), item.num_frames, config.sample.num_frames, 1))  # type: ignore[arg-type]
+    fps = _first(item.fps, config.sample.fps)
+    if fps is None and frames > 1 and source.dialect == "aitoolkit":
+        fps = AITOOLKIT_DEFAULT_FPS
+    return {
+        "control_images": tuple(dict.fromkeys(resolve_relative(str(p), base) for p in images)),
+        "init_image": resolve_relative(str(init_image), base) if init_image is not None else None,
+        "num_frames": frames,
+        "fps": int(fps) if fps is not None else None,  # type: ignore[arg-type]
+    }
+
+
+def _expanded(config: TrainerConfig, sources: list[Source]) -> list[tuple[Source, tuple[int, int] | None]]:
+    """SimpleTuner's unconditional sample first, and every prompt at each of its resolutions."""
+    if config.unconditional:
+        empty = Source("", PromptItem(prompt=""), Origin(config, subpath="sample.unconditional"), "plain")
+        sources = [empty, *sources]
+    sizes: list[tuple[int, int] | None] = list(config.resolutions) or [None]
+    return [(source, size) for source in sources for size in sizes]
+
+
+def build_plan(config: TrainerConfig, *, prompts_file: Path | None = None) -> SamplePlan:
+    """The concrete requests for `config`'s sample settings (or a `prompts_file` instead)."""
+    spec, sample = config.spec, config.sample
     sources = _sources(config, prompts_file)
     if not sources:
         if prompts_file is not None:
@@ -123,7 +203,7 @@ def build_plan(config: TrainerConfig, *, prompts_file: Path | None = None) -> Sa
         "height",
         Origin(config, subpath="sample.height") if sample.height else section,
     )
-    if not is_flux and sample.true_cfg_scale != 1.0:
+    if config.arch != "flux" and sample.true_cfg_scale != 1.0:
         logger.warning(
             "%s `true_cfg_scale` is for Flux only; ignored on %s",
             config.where("sample.true_cfg_scale"),
@@ -132,69 +212,58 @@ def build_plan(config: TrainerConfig, *, prompts_file: Path | None = None) -> Sa
     wildcards = Wildcards(config.config_dir / WILDCARD_DIR)
 
     requests = []
-    for index, source in enumerate(sources):
-        item, origin = source.item, source.origin
-        text, flags = parse_prompt_flags(source.text, origin)
-        if item is None:
-            item = PromptItem(prompt=text)
-
-        cfg, embedded = flags.get("cfg"), flags.get("embedded_guidance")
-        true_cfg = _first(item.true_cfg_scale, sample.true_cfg_scale)
-        if is_flux and prompts_file is not None:  # kohya: --l is true CFG, --g the embedded guidance
-            guidance = _first(embedded, item.guidance_scale, sample.guidance_scale, spec.default_guidance)
-            true_cfg = _first(cfg, true_cfg)
-        elif is_flux:  # ai-toolkit: --l / --cfg and --g both set the embedded guidance; --g wins
-            guidance = _first(
-                embedded, cfg, item.guidance_scale, sample.guidance_scale, spec.default_guidance
-            )
-        else:
-            if embedded is not None:
-                logger.warning(
-                    "%s `--g` (Flux embedded guidance) is ignored on %s; use `--l`",
-                    origin.where(),
-                    spec.label,
-                )
-            if item.true_cfg_scale is not None and item.true_cfg_scale != 1.0:
-                logger.warning(
-                    "%s `true_cfg_scale` is for Flux only; ignored on %s", origin.where(), spec.label
-                )
-            guidance = _first(cfg, item.guidance_scale, sample.guidance_scale, spec.default_guidance)
-            true_cfg = 1.0
+    for index, (source, size) in enumerate(_expanded(config, sources)):
+        origin = source.origin
+        text, flags = parse_prompt_flags(source.text, origin, dialect=source.dialect)
+        item = source.item if source.item is not None else PromptItem(prompt=text)
+        guidance, true_cfg = _guidance(config, source, item, flags)
 
         own_seed = _first(flags.get("seed"), item.seed)
         seed = own_seed if own_seed is not None else sample.seed + (index if sample.walk_seed else 0)
-        width = _first(flags.get("width"), item.width)
-        height = _first(flags.get("height"), item.height)
-
+        per_step = (
+            item.random_seed if item.random_seed is not None else own_seed is None and sample.random_seed
+        )
+        width = _first(flags.get("width"), item.width, size[0] if size else None)
+        height = _first(flags.get("height"), item.height, size[1] if size else None)
         negative = str(_first(flags.get("negative"), item.neg, sample.neg))
-        rng = random.Random(f"{seed}:{index}:{source.text}")
-        # The trigger goes in before wildcards (so `{a [trigger]|b}` is a plain choice) and again
-        # after (so a wildcard file may hold placeholders too).
-        trigger = config.trigger_word
-        prompt = wildcards.resolve(apply_trigger(text, trigger, origin), rng, origin)
-        negative = wildcards.resolve(apply_trigger(negative, trigger, origin), rng, origin)
+        prompt = text
+        if config.expands_prompts:
+            rng = random.Random(f"{seed}:{index}:{source.text}")
+            # The trigger goes in before wildcards (so `{a [trigger]|b}` is a plain choice) and
+            # again after (so a wildcard file may hold placeholders too).
+            trigger = config.trigger_word
+            prompt = wildcards.resolve(apply_trigger(text, trigger, origin), rng, origin)
+            negative = wildcards.resolve(apply_trigger(negative, trigger, origin), rng, origin)
+            prompt, negative = (
+                apply_trigger(prompt, trigger, origin),
+                apply_trigger(negative, trigger, origin),
+            )
         requests.append(
             SampleRequest(
                 index=index,
-                prompt=apply_trigger(prompt, trigger, origin),
-                negative_prompt=apply_trigger(negative, trigger, origin),
-                width=_snap(int(width), spec, "width", origin) if width is not None else base_width,
-                height=_snap(int(height), spec, "height", origin) if height is not None else base_height,
+                prompt=prompt,
+                negative_prompt=negative,
+                width=_snap(int(width), spec, "width", origin) if width is not None else base_width,  # type: ignore[call-overload]
+                height=_snap(int(height), spec, "height", origin) if height is not None else base_height,  # type: ignore[call-overload]
                 steps=int(
-                    _first(flags.get("steps"), item.sample_steps, sample.sample_steps, spec.default_steps)
+                    _first(flags.get("steps"), item.sample_steps, sample.sample_steps, spec.default_steps)  # type: ignore[arg-type]
                 ),
-                guidance_scale=float(guidance),
-                true_cfg_scale=float(true_cfg),
-                sampler=_sampler(config, flags.get("sampler"), item.sampler, origin),
-                seed=int(seed),
+                guidance_scale=guidance,
+                true_cfg_scale=true_cfg,
+                sampler=_sampler(
+                    config, _flag_sampler(config, flags.get("sampler"), source), item.sampler, origin
+                ),
+                seed=int(seed),  # type: ignore[call-overload]
                 strength=float(
-                    _first(
+                    _first(  # type: ignore[arg-type]
                         flags.get("strength"),
                         item.network_multiplier,
                         sample.network_multiplier,
                         DEFAULT_STRENGTH,
                     )
                 ),
+                seed_per_step=bool(per_step),
+                **_media(config, source, item, flags),  # type: ignore[arg-type]
             )
         )
     return SamplePlan(
@@ -202,71 +271,15 @@ def build_plan(config: TrainerConfig, *, prompts_file: Path | None = None) -> Sa
         image_format=sample.format,
         batch_size=sample.batch_size,
         sample_every=sample.sample_every,
+        cadence=_cadence(config),
     )
 
 
-def _number(value: float) -> str:
-    return f"{value:g}"
-
-
-def format_plan(config: TrainerConfig, plan: SamplePlan) -> str:
-    """The text `sidecar check CONFIG` prints: what will be rendered, with every value resolved."""
-    if config.sidecar.output is not None or config.run_dir is not None:
-        folder = str(samples_dir(config.sidecar.output, run_dir=config.run_dir or Path()))
-    else:
-        folder = (
-            f"{SAMPLES_DIR_NAME}/ in the run folder the checkpoints are in (OUTPUT_DIR for `sidecar watch`)"
-        )
-    where = f" ({config.yaml_prefix})" if config.yaml_prefix else ""
-    every = f", every {plan.sample_every} steps" if plan.sample_every else ""
-    header = [
-        ("config", f"{config.path}{where}"),
-        ("architecture", f"{config.spec.label} ({config.arch})"),
-        ("base model", config.model.name_or_path),
-        ("trigger word", config.trigger_word or "(none)"),
-        ("samples dir", folder),
-        ("images", f"{plan.image_format}, batch size {plan.batch_size}{every}"),
-    ]
-    label_width = max(len(label) for label, _ in header)
-    lines = [f"{label:<{label_width}}  {value}" for label, value in header]
-
-    is_flux = config.arch == "flux"
-    columns = [
-        "#",
-        "size",
-        "steps",
-        "sampler",
-        "guidance",
-        *(["true cfg"] if is_flux else []),
-        "seed",
-        "strength",
-        "prompt",
-    ]
-    rows = []
-    for request in plan.requests:
-        rows.append(
-            [
-                f"{request.index:02d}",
-                f"{request.width}x{request.height}",
-                str(request.steps),
-                request.sampler,
-                _number(request.guidance_scale),
-                *([_number(request.true_cfg_scale)] if is_flux else []),
-                str(request.seed),
-                _number(request.strength),
-                request.prompt,
-            ]
-        )
-    widths = [max(len(column), *(len(row[i]) for row in rows)) for i, column in enumerate(columns[:-1])]
-    indent = "  "
-
-    def render(cells: list[str]) -> str:
-        fixed = "  ".join(f"{cell:<{width}}" for cell, width in zip(cells[:-1], widths, strict=True))
-        return f"{indent}{fixed}  {cells[-1]}".rstrip()
-
-    lines += ["", f"{len(plan.requests)} sample(s):", render(columns)]
-    negative_indent = " " * (len(indent) + sum(widths) + 2 * len(widths))
-    for request, row in zip(plan.requests, rows, strict=True):
-        lines.append(render(row))
-        lines.append(f"{negative_indent}negative: {request.negative_prompt or '(none)'}")
-    return "\n".join(lines)
+def _cadence(config: TrainerConfig) -> Cadence | None:
+    """The reader's cadence, with ai-toolkit's `sample_start_step` folded in."""
+    start = config.sample.sample_start_step
+    if config.cadence is None:
+        return Cadence(start_step=start) if start else None
+    if start and not config.cadence.start_step:
+        return Cadence(config.cadence.every, config.cadence.unit, start, config.cadence.start_epoch)
+    return config.cadence

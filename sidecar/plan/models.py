@@ -33,13 +33,10 @@ DEFAULT_SEED = 42
 # Keys real trainers write inside `sample:` that sidecar does not use: accepted without a warning.
 QUIET_SAMPLE_KEYS = frozenset(
     {
-        "sample_start_step",
         "guidance_rescale",
         "adapter_conditioning_scale",
         "refiner_start_at",
         "extra_values",
-        "num_frames",
-        "fps",
         "sampling_flow_shift",
         "do_cfg_norm",
         "nag_scale",
@@ -53,13 +50,7 @@ QUIET_SAMPLE_KEYS = frozenset(
 )
 QUIET_PROMPT_KEYS = frozenset(
     {
-        "fps",
-        "num_frames",
-        "ctrl_img",
         "ctrl_idx",
-        "ctrl_img_1",
-        "ctrl_img_2",
-        "ctrl_img_3",
         "do_cfg_norm",
         "nag_scale",
         "nag_alpha",
@@ -82,6 +73,28 @@ class PromptItem(Section):
     sample_steps: PositiveInt | None = None
     network_multiplier: Number | None = None
     sampler: SamplerName | None = None
+    random_seed: Flag | None = None  # a new seed at every step (OneTrainer's meaning)
+    # Carried to the request for the stages that render them (ai-toolkit's names, then sidecar's).
+    ctrl_img: Text | None = None
+    ctrl_img_1: Text | None = None
+    ctrl_img_2: Text | None = None
+    ctrl_img_3: Text | None = None
+    control_images: list[Text] | None = None
+    init_image: Text | None = None
+    num_frames: PositiveInt | None = None
+    fps: PositiveInt | None = None
+
+    @property
+    def all_control_images(self) -> tuple[str, ...]:
+        """`control_images`, then ai-toolkit's `ctrl_img` / `ctrl_img_1..3`, each once, in order."""
+        found = [
+            *(self.control_images or ()),
+            self.ctrl_img,
+            self.ctrl_img_1,
+            self.ctrl_img_2,
+            self.ctrl_img_3,
+        ]
+        return tuple(dict.fromkeys(path for path in found if path))
 
     @model_validator(mode="before")
     @classmethod
@@ -112,9 +125,13 @@ class SampleConfig(Section):
     height: PositiveInt | None = None
     seed: NonNegativeInt = DEFAULT_SEED
     walk_seed: Flag = False
+    random_seed: Flag = False  # a new seed at every step for prompts without their own seed
     network_multiplier: Number = 1.0
     format: ImageFormat = "png"
     batch_size: PositiveInt = 1
+    sample_start_step: NonNegativeInt = 0  # ai-toolkit: checkpoints before this step are not sampled
+    num_frames: PositiveInt | None = None  # ai-toolkit video models; carried, not rendered here
+    fps: PositiveInt | None = None
 
     @property
     def prompts_key(self) -> str:

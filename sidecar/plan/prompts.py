@@ -19,11 +19,19 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from sidecar.errors import ConfigError
 from sidecar.plan.config import TrainerConfig
 from sidecar.plan.models import PromptItem
-from sidecar.values import as_non_negative_int, as_non_negative_number, as_number, as_positive_int, as_sampler
+from sidecar.values import (
+    as_non_negative_int,
+    as_non_negative_number,
+    as_number,
+    as_positive_int,
+    as_sampler,
+    as_text,
+)
 
 logger = logging.getLogger("sidecar.plan")
 
@@ -35,7 +43,10 @@ _FLAG_SPLIT = re.compile(r"\s+--(?=[A-Za-z])")  # " --w 768"; a "--" inside a wo
 _WILDCARD = re.compile(r"__([A-Za-z0-9][\w\-/]*?)__")
 _CHOICE = re.compile(r"\{([^{}]*\|[^{}]*)\}")  # innermost {a|b}; {trigger_word} has no "|"
 
-# Inline flag -> setting. Short forms are kohya's; long ones ai-toolkit's additions.
+# Inline flag -> setting. Short forms are kohya's (sd-scripts `line_to_prompt_dict` in
+# library/train_util.py); long ones ai-toolkit's additions. kohya and musubi-tuner read `--l`
+# as CFG (true CFG on Flux) and `--g` as Flux's embedded guidance; ai-toolkit reads both as
+# the guidance it passes (see `sidecar.plan.build`).
 _FLAGS: dict[str, str] = {
     "n": "negative",
     "w": "width",
@@ -51,8 +62,13 @@ _FLAGS: dict[str, str] = {
     "g": "embedded_guidance",
     "ss": "sampler",
 }
-# Flags trainers know that sidecar does not render: ignored with a warning naming them.
-_UNSUPPORTED_FLAGS = frozenset({"p2", "n2", "gr", "a", "f", "fs", "cn", "ctr", "am", "i"})
+# musubi-tuner's additions (src/musubi_tuner/training/sampling_prompts.py): frames, the
+# image-to-video start image and control images, carried in the request.
+_MUSUBI_FLAGS: dict[str, str] = {**_FLAGS, "f": "num_frames", "i": "init_image", "ci": "control_image"}
+# Flags trainers know that sidecar does not use: ignored with a warning naming them.
+_UNSUPPORTED_FLAGS = frozenset(
+    {"p2", "n2", "gr", "a", "f", "fs", "cn", "ctr", "rcfg", "am", "i", "ci", "ei", "of"}
+)
 
 _FLAG_RULES: dict[str, Callable[[object], object]] = {
     "width": as_positive_int,
@@ -63,25 +79,33 @@ _FLAG_RULES: dict[str, Callable[[object], object]] = {
     "steps": as_positive_int,
     "strength": as_number,
     "sampler": as_sampler,
+    "num_frames": as_positive_int,
+    "init_image": as_text,
 }
 
 
 @dataclass(frozen=True)
 class Origin:
-    """Where a prompt was written: a YAML path in the config, or a line of a prompt file."""
+    """Where a prompt was written: a path in the config, or a line (or key) of a prompt file."""
 
     config: TrainerConfig
     subpath: str | None = None  # e.g. `sample.prompts[2]`
     file: Path | None = None
     line: int | None = None
+    key: str | None = None  # inside `file`: a TOML path or a JSON pointer
 
     def error(self, message: str) -> ConfigError:
         if self.subpath is not None:
             return self.config.error(self.subpath, message)
-        return ConfigError(message, file=str(self.file), line=self.line)
+        return ConfigError(message, file=str(self.file), line=self.line, yaml_path=self.key)
 
     def where(self) -> str:
         return self.error("").location
+
+
+# How a source's text is read: "plain" text has no inline flags (OneTrainer, SimpleTuner,
+# kohya's .toml / .json prompt entries, which those trainers never parse for flags).
+SourceDialect = Literal["aitoolkit", "kohya", "musubi", "plain"]
 
 
 @dataclass(frozen=True)
@@ -89,27 +113,39 @@ class Source:
     text: str
     item: PromptItem | None
     origin: Origin
+    dialect: SourceDialect = "aitoolkit"
 
 
-def parse_prompt_flags(text: str, origin: Origin | None = None) -> tuple[str, dict[str, object]]:
-    """Split `a dog --n blurry --w 768` into the prompt and its settings; bad values raise."""
+def parse_prompt_flags(
+    text: str, origin: Origin | None = None, *, dialect: SourceDialect = "aitoolkit"
+) -> tuple[str, dict[str, object]]:
+    """Split `a dog --n blurry --w 768` into the prompt and its settings; bad values raise.
+
+    `plain` text is returned whole: its trainer reads no flags.
+    """
+    if dialect == "plain":
+        return text.strip(), {}
+    flags = _MUSUBI_FLAGS if dialect == "musubi" else _FLAGS
     parts = _FLAG_SPLIT.split(text.strip())
     settings: dict[str, object] = {}
     for part in parts[1:]:
         flag, _, value = part.partition(" ")
         flag, value = flag.lower(), value.strip()
-        name = _FLAGS.get(flag)
+        name = flags.get(flag)
         where = origin.where() + " " if origin else ""
         if name is None:
             if flag in _UNSUPPORTED_FLAGS:
                 logger.warning("%sflag `--%s` is not used by sidecar; ignored", where, flag)
             else:
-                nearest = difflib.get_close_matches(flag, list(_FLAGS), n=1, cutoff=0.5)
+                nearest = difflib.get_close_matches(flag, list(flags), n=1, cutoff=0.5)
                 hint = f"; did you mean `--{nearest[0]}`?" if nearest else ""
                 logger.warning("%sunknown flag `--%s` is ignored%s", where, flag, hint)
             continue
         if name == "negative":
             settings[name] = value
+            continue
+        if name == "control_image":  # musubi's `--ci` may be given several times
+            settings.setdefault("control_images", []).append(value)  # type: ignore[union-attr]
             continue
         try:
             settings[name] = _FLAG_RULES[name](value)
@@ -119,19 +155,9 @@ def parse_prompt_flags(text: str, origin: Origin | None = None) -> tuple[str, di
     return parts[0].strip(), settings
 
 
-def read_prompt_file(path: Path) -> list[tuple[int, str]]:
-    """A kohya prompt file: one prompt per line; `#` comments and blank lines skipped."""
-    if path.suffix.lower() in (".toml", ".json"):
-        raise ConfigError(
-            "kohya .toml / .json prompt files are not supported; use a .txt file, one prompt per line",
-            file=str(path),
-        )
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError("no such prompt file", file=str(path)) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot be read as a UTF-8 text file ({exc})", file=str(path)) from None
+def prompt_lines(text: str) -> list[tuple[int, str]]:
+    """A kohya `.txt` prompt file's prompts with their line numbers: one per line, `#` comments
+    and blank lines skipped (sd-scripts `load_prompts` in library/train_util.py)."""
     return [
         (number, line.strip())
         for number, line in enumerate(text.splitlines(), start=1)

@@ -9,8 +9,9 @@ import pytest
 from factories import FIXTURES
 
 from sidecar.errors import ConfigError
-from sidecar.plan.build import build_plan, format_plan
+from sidecar.plan.build import build_plan
 from sidecar.plan.config import TrainerConfig, load_trainer_config
+from sidecar.plan.report import format_plan
 from sidecar.plan.request import SamplePlan, SampleRequest
 
 
@@ -284,7 +285,8 @@ def test_format_plan_flux() -> None:
     config, plan = plan_of("aitoolkit_flux_24gb.yaml")
     text = format_plan(config, plan)
     lines = text.splitlines()
-    assert lines[1:6] == [
+    assert lines[1:7] == [
+        "trainer       ai-toolkit / EriDiffusion",
         "architecture  Flux.1 (flux)",
         "base model    black-forest-labs/FLUX.1-dev",
         "trigger word  p3r5on",

@@ -12,7 +12,7 @@ from factories import FIXTURES
 from sidecar.errors import ConfigError
 from sidecar.plan.build import build_plan
 from sidecar.plan.config import TrainerConfig, load_trainer_config
-from sidecar.plan.prompts import Origin, Wildcards, apply_trigger, parse_prompt_flags, read_prompt_file
+from sidecar.plan.prompts import Origin, Wildcards, apply_trigger, parse_prompt_flags, prompt_lines
 from sidecar.plan.request import SamplePlan
 
 
@@ -48,9 +48,16 @@ def test_prompt_file_problems(tmp_path: Path) -> None:
     config = load_trainer_config(FIXTURES / "eri_flux.yaml")
     with pytest.raises(ConfigError, match="no such prompt file"):
         build_plan(config, prompts_file=tmp_path / "missing.txt")
-    (tmp_path / "p.toml").write_text("[prompt]\n")
-    with pytest.raises(ConfigError, match=r"use a \.txt file"):
+    (tmp_path / "p.toml").write_text("[prompt]\nwidth = 512\n")
+    with pytest.raises(ConfigError) as caught:
         build_plan(config, prompts_file=tmp_path / "p.toml")
+    assert str(caught.value) == (
+        f"{tmp_path / 'p.toml'}:1 prompt.subset: must hold `[[prompt.subset]]` entries, one per prompt "
+        "(kohya's .toml prompt file)"
+    )
+    (tmp_path / "latin1.txt").write_bytes(b"caf\xe9\n")
+    with pytest.raises(ConfigError, match="is not UTF-8 text"):
+        build_plan(config, prompts_file=tmp_path / "latin1.txt")
     (tmp_path / "empty.txt").write_text("# only comments\n\n")
     with pytest.raises(ConfigError, match="has no prompts"):
         build_plan(config, prompts_file=tmp_path / "empty.txt")
@@ -184,16 +191,11 @@ def test_odd_braces_do_not_crash(tmp_path: Path) -> None:
 # ------------------------------------------------------------------ the pieces, one at a time
 
 
-def test_read_prompt_file_keeps_line_numbers_and_skips_comments(tmp_path: Path) -> None:
-    path = tmp_path / "p.txt"
-    path.write_text("# header\n\n  a cat --w 512  \n# another\nb dog\n")
-    assert read_prompt_file(path) == [(3, "a cat --w 512"), (5, "b dog")]
-    (tmp_path / "p.json").write_text("[]")
-    with pytest.raises(ConfigError, match=r"kohya \.toml / \.json prompt files are not supported"):
-        read_prompt_file(tmp_path / "p.json")
-    (tmp_path / "latin1.txt").write_bytes(b"caf\xe9\n")
-    with pytest.raises(ConfigError, match="cannot be read as a UTF-8 text file"):
-        read_prompt_file(tmp_path / "latin1.txt")
+def test_prompt_lines_keep_line_numbers_and_skip_comments() -> None:
+    assert prompt_lines("# header\n\n  a cat --w 512  \n# another\nb dog\n") == [
+        (3, "a cat --w 512"),
+        (5, "b dog"),
+    ]
 
 
 def test_parse_prompt_flags_without_an_origin_raises_an_unlocated_error() -> None:

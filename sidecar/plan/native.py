@@ -1,0 +1,91 @@
+"""Helpers the readers of other trainers' formats share: a trainer's own keys, checked where
+they were written, turned into sidecar's sample settings.
+
+Each reader (`kohya.py`, `onetrainer.py`, `simpletuner.py`) collects values as
+`Value(value, path)`, the path being where the trainer wrote it (a TOML path or a JSON
+pointer). Validation errors then name the trainer's file, line and key, never sidecar's
+field names, which the user never wrote.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from sidecar.errors import ConfigError
+from sidecar.plan.files import Locator
+from sidecar.values import describe_error
+
+logger = logging.getLogger("sidecar.plan")
+
+T = TypeVar("T")
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+@dataclass(frozen=True)
+class Value:
+    """A value from a trainer's file and the path it was written at."""
+
+    value: Any
+    path: str
+
+
+def checked(value: Value, rule: Callable[[object], T], locator: Locator) -> T:
+    """`rule(value)`, or a ConfigError at the trainer's key naming the rule and the value."""
+    try:
+        return rule(value.value)
+    except ValueError as exc:
+        raise locator.error(value.path, str(exc)) from None
+
+
+def validated(model: type[ModelT], values: Mapping[str, Value], locator: Locator) -> ModelT:
+    """`model` from sidecar field -> Value; the first bad value is located at its trainer key."""
+    raw = {name: value.value for name, value in values.items()}
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        error = exc.errors(include_url=False)[0]
+        field = str(error["loc"][0]) if error["loc"] else ""
+        where = values[field].path if field in values else ""
+        raise locator.error(where, describe_error(error)) from None
+
+
+def unused(locator: Locator, path: str, why: str) -> None:
+    """Say once, at debug level (`-v`), that a trainer setting has no meaning for sidecar."""
+    logger.debug("%s not used by sidecar: %s", locator.where(path), why)
+
+
+def find_beside(value: str, config_dir: Path) -> Path | None:
+    """A path a config names, found as its trainer would: absolute; else relative to the config's
+    folder, else to a folder above it (trainers resolve from the folder they run in, which is
+    usually the one holding their `config/` or `training_presets/` folder). None if nowhere."""
+    path = Path(value).expanduser()
+    if path.is_absolute():
+        return path if path.exists() else None
+    for folder in (config_dir, *config_dir.parents):
+        if (folder / path).exists():
+            return (folder / path).resolve()
+    return None
+
+
+def prompt_file(value: Value, config_dir: Path, locator: Locator) -> Path:
+    """The prompt file a config names, or a located error listing where it was looked for."""
+    found = find_beside(str(value.value), config_dir)
+    if found is None:
+        raise locator.error(
+            value.path,
+            f"names prompt file {value.value!r}, which is neither at {config_dir / str(value.value)} "
+            "nor in a folder above it; fix the path or pass the file with --prompts",
+        )
+    if not found.is_file():
+        raise locator.error(value.path, f"names {found}, which is not a file")
+    return found
+
+
+def config_error(path: Path, message: str) -> ConfigError:
+    return ConfigError(message, file=str(path))
