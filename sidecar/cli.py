@@ -111,6 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("config_file", type=Path, metavar="CONFIG")
     check.add_argument("--process", default=None)
     check.add_argument("--prompts", type=Path, default=None)
+    card = check.add_mutually_exclusive_group()
+    card.add_argument("--gpu", type=int, default=None, help="plan for the free memory of cuda:N")
+    card.add_argument(
+        "--vram", type=_vram_size, default=None, metavar="SIZE", help="plan for a card of SIZE, e.g. 12GiB"
+    )
 
     render = commands.add_parser("render", help="render one checkpoint's samples", parents=[logging_options])
     render.add_argument("checkpoint", type=Path, nargs="?", metavar="CHECKPOINT")
@@ -201,6 +206,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _vram_size(value: str) -> str:
+    from sidecar.render.memory_plan import parse_size  # no torch: sizes only
+
+    try:
+        parse_size(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return value
+
+
 def _int_list(value: str) -> list[int]:
     try:
         return [int(part) for part in value.split(",") if part.strip()]
@@ -228,7 +243,15 @@ def _process(value: str | None) -> int | str | None:
 def cmd_check(args: argparse.Namespace) -> int:
     from sidecar.app import commands
 
-    print(commands.check(args.config_file, process=_process(args.process), prompts_file=args.prompts))
+    print(
+        commands.check(
+            args.config_file,
+            process=_process(args.process),
+            prompts_file=args.prompts,
+            gpu=args.gpu,
+            vram=args.vram,
+        )
+    )
     return EXIT_OK
 
 

@@ -8,14 +8,39 @@ from pathlib import Path
 from sidecar.settings import samples_dir
 
 
-def check(config_path: Path, *, process: int | str | None, prompts_file: Path | None) -> str:
-    """`sidecar check CONFIG`: the resolved sample plan, or a located `ConfigError`."""
+def check(
+    config_path: Path,
+    *,
+    process: int | str | None,
+    prompts_file: Path | None,
+    gpu: int | None = None,
+    vram: str | None = None,
+) -> str:
+    """`sidecar check CONFIG [--gpu N | --vram SIZE]`: the resolved sample plan, then the memory
+    plan (`sidecar.render.memory_plan`) and the mode `--offload auto` takes on that card."""
+    from sidecar.errors import ModelError
     from sidecar.plan.build import build_plan
     from sidecar.plan.config import load_trainer_config
     from sidecar.plan.report import format_plan
+    from sidecar.render.memory_plan import check_report
 
     config = load_trainer_config(config_path, process=process)
-    return format_plan(config, build_plan(config, prompts_file=prompts_file))
+    plan = build_plan(config, prompts_file=prompts_file)
+    try:
+        memory = check_report(
+            config.model_source(),
+            dtype=config.sidecar.dtype,
+            pixels=max((r.width * r.height for r in plan.requests), default=1024 * 1024),
+            batch_size=plan.batch_size,
+            lora_rank=config.network.linear if config.network is not None else None,
+            gpu=gpu,
+            vram=vram,
+        )
+    except ModelError as error:
+        if gpu is not None or vram is not None:
+            raise error.located(config.where(f"model.{error.key}")) from error
+        memory = f"memory plan: not made ({error})"
+    return format_plan(config, plan) + "\n\n" + memory
 
 
 def status(output_dir: Path, *, output: Path | None) -> str:

@@ -11,6 +11,7 @@ import pytest
 from safetensors.numpy import save_file
 
 import sidecar.intake.cache as cache_module
+from sidecar.confined import UnsafeEntryError
 from sidecar.errors import SidecarError
 from sidecar.intake.cache import (
     PARTIAL_SUFFIX,
@@ -19,6 +20,7 @@ from sidecar.intake.cache import (
     content_hash,
     unusable_fingerprint,
 )
+from sidecar.intake.trust import OutsideWatchedFolder
 
 
 def write_lora(path: Path, *, rows: int = 64, fill: float = 1.0) -> bytes:
@@ -261,3 +263,52 @@ def test_unusable_fingerprints_tell_files_apart_by_path_and_bytes(tmp_path: Path
     assert changed is not None and changed[0] != first[0]
     assert unusable_fingerprint(a) == changed  # stable for the same bytes
     assert unusable_fingerprint(tmp_path / "gone.safetensors") is None
+
+
+# ------------------------------------------------------------------ never through a symlink
+
+
+def test_a_cache_folder_that_is_a_symlink_is_refused_and_left_alone(tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "precious.txt").write_bytes(b"keep me")
+    state = tmp_path / "samples" / ".sidecar"
+    state.mkdir(parents=True)
+    (state / "cache").symlink_to(victim)
+
+    with pytest.raises(UnsafeEntryError, match=r"cache` is a symbolic link \(to .*victim\)"):
+        CheckpointCache(state / "cache")
+
+    assert (victim / "precious.txt").read_bytes() == b"keep me"
+
+
+def test_clean_and_drop_remove_links_in_the_cache_never_what_they_point_to(
+    tmp_path: Path, cache: CheckpointCache
+) -> None:
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "precious.txt").write_bytes(b"keep me")
+    (cache.folder / "planted").symlink_to(victim)
+    (cache.folder / "deadbeef").mkdir()
+    (cache.folder / "deadbeef" / "inner").symlink_to(victim)
+
+    cache.drop("deadbeef")
+    cache.clean([])
+
+    assert leftovers(cache) == []
+    assert (victim / "precious.txt").read_bytes() == b"keep me"
+
+
+def test_a_checkpoint_linked_out_of_the_watched_folder_is_not_copied(tmp_path: Path, cache) -> None:
+    watched = tmp_path / "output"
+    watched.mkdir()
+    secret = tmp_path / "secret.safetensors"
+    write_lora(secret)
+    link = watched / "my_lora_000000500.safetensors"
+    link.symlink_to(secret)
+
+    with pytest.raises(OutsideWatchedFolder):
+        cache.copy_in(link, signature(secret), root=watched)
+    assert leftovers(cache) == []
+    copy = cache.copy_in(link, signature(secret), root=None)  # --follow-symlinks
+    assert copy.path.read_bytes() == secret.read_bytes()

@@ -282,3 +282,99 @@ def test_forget_stops_tracking_without_a_verdict(tmp_path: Path) -> None:
     tracker.forget(path)
     tracker.forget(path)  # twice is fine
     assert tracker.paths == [] and tracker.poll(now=10.0) == []
+
+
+# --- close events: ready at once; the settle wait is the fallback ---------------------------------
+
+
+def test_a_whole_file_its_writer_closed_is_ready_at_once(tmp_path: Path) -> None:
+    path = tmp_path / "my_lora_000000500.safetensors"
+    write_lora(path)
+    tracker = ReadinessTracker(settle_seconds=1.0)
+    assert tracker.observe(_checkpoint(path, tmp_path), now=0.0, closed=True) == "ready"
+    events = tracker.poll(now=0.0)  # no settle wait
+    assert [(e.state, e.checkpoint.step) for e in events] == [("ready", 500)]
+    assert "closed by its writer" in events[0].reason
+
+
+def test_a_file_closed_before_it_is_whole_waits_for_the_settle_fallback(tmp_path: Path) -> None:
+    path = tmp_path / "my_lora_000000500.safetensors"
+    data = write_lora(path)
+    path.write_bytes(data[: len(data) // 2])  # the writer closed it half written
+    _set_mtime(path, 1)
+    tracker = ReadinessTracker(settle_seconds=1.0)
+    assert tracker.observe(_checkpoint(path, tmp_path), now=0.0, closed=True) == "waiting"
+    path.write_bytes(data)  # finished by another open and write, whose close event is lost
+    _set_mtime(path, 2)
+    assert tracker.poll(now=0.5) == []  # changed since the close: settle from 0.5
+    assert tracker.poll(now=1.0) == []
+    assert [e.state for e in tracker.poll(now=1.5)] == ["ready"]
+
+
+def test_a_file_changed_after_its_close_event_is_not_ready_at_once(tmp_path: Path) -> None:
+    path = tmp_path / "my_lora_000000500.safetensors"
+    write_lora(path)
+    _set_mtime(path, 1)
+    tracker = ReadinessTracker(settle_seconds=1.0)
+    tracker.observe(_checkpoint(path, tmp_path), now=0.0, closed=True)
+    write_lora(path, rows=32)  # reopened and rewritten after the close (no close seen yet)
+    _set_mtime(path, 2)
+    assert tracker.poll(now=0.1) == []
+    assert [e.state for e in tracker.poll(now=1.1)] == ["ready"]
+
+
+def test_a_closed_file_still_waits_for_its_marker(tmp_path: Path) -> None:
+    path = tmp_path / "checkpoint-250/flux_lora.safetensors"
+    write_lora(path)
+    tracker = ReadinessTracker(settle_seconds=1.0)
+    assert tracker.observe(_checkpoint(path, tmp_path), now=0.0, closed=True) == "waiting"
+    (path.parent / "training_state.json").write_text("{}")
+    assert [e.state for e in tracker.poll(now=0.1)] == ["ready"]  # closed, unchanged, marked
+
+
+# --- corrupt for sure: failed once settled, not after `abandon_seconds` ---------------------------
+
+
+def test_random_bytes_with_a_huge_header_length_are_corrupt_once_settled(tmp_path: Path) -> None:
+    path = tmp_path / "my_lora_000000500.safetensors"
+    path.write_bytes(struct.pack("<Q", 2**62) + os.urandom(40_000))
+    assert completeness(path).corrupt
+    tracker = ReadinessTracker(settle_seconds=1.0, abandon_seconds=120.0)
+    tracker.observe(_checkpoint(path, tmp_path), now=0.0)
+    assert tracker.poll(now=0.5) == []  # could still be rewritten
+    (event,) = tracker.poll(now=1.0)
+    assert event.state == "abandoned"
+    assert event.reason.startswith("corrupt: header length field says")
+
+
+def test_a_whole_header_that_is_not_json_is_corrupt_and_fails_at_its_close(tmp_path: Path) -> None:
+    path = tmp_path / "my_lora_000000500.safetensors"
+    body = b"\xff\xfe not json"
+    path.write_bytes(struct.pack("<Q", len(body)) + body + b"data")
+    assert completeness(path).corrupt
+    tracker = ReadinessTracker(settle_seconds=1.0)
+    tracker.observe(_checkpoint(path, tmp_path), now=0.0, closed=True)
+    assert [e.state for e in tracker.poll(now=0.0)] == ["abandoned"]
+
+
+@pytest.mark.parametrize("cut", [4, 20, -100], ids=["in-length-field", "in-header", "in-data"])
+def test_a_file_still_being_written_is_never_corrupt(tmp_path: Path, cut: int) -> None:
+    path = tmp_path / "a.safetensors"
+    data = write_lora(path)
+    path.write_bytes(data[:cut])
+    check = completeness(path)
+    assert not check.whole and not check.corrupt
+
+
+def test_waiting_lists_every_tracked_file_with_its_reason(tmp_path: Path) -> None:
+    whole, half = tmp_path / "my_lora_000000100.safetensors", tmp_path / "my_lora_000000200.safetensors"
+    write_lora(whole)
+    data = write_lora(half)
+    half.write_bytes(data[:100])
+    tracker = ReadinessTracker(settle_seconds=1.0)
+    tracker.observe(_checkpoint(whole, tmp_path), now=0.0)
+    tracker.observe(_checkpoint(half, tmp_path), now=0.0)
+    tracker.poll(now=0.5)
+    waiting = dict(tracker.waiting())
+    assert waiting[whole].startswith("whole, settling (0.5 of 1.0 s)")
+    assert waiting[half].startswith("not whole yet: header says")

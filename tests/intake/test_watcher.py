@@ -230,3 +230,73 @@ def test_real_observer_watches_new_folders_but_not_the_samples_folder(tmp_path: 
 
     assert record.checkpoint is not None and record.checkpoint.step == 500
     assert all("samples" not in event.path.parts for event in drain(events))
+
+
+# --- a watcher that fails is noticed, never left seeing nothing --------------------------------
+
+
+def test_an_error_in_the_handler_is_recorded_and_wakes_the_daemon(tmp_path: Path, monkeypatch) -> None:
+    events: queue.Queue[FileEvent] = queue.Queue()
+    handler = CheckpointEventHandler(events, root=tmp_path)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr("sidecar.intake.watcher.recognise", broken)
+    handler.dispatch(FileCreatedEvent(str(tmp_path / "run_000000100.safetensors")))  # does not raise
+
+    assert isinstance(handler.failure, RuntimeError)
+    assert [event.kind for event in drain(events)] == ["failed"]
+
+
+def test_a_pattern_without_a_step_group_never_raises_in_the_handler(tmp_path: Path) -> None:
+    events: queue.Queue[FileEvent] = queue.Queue()
+    handler = CheckpointEventHandler(events, root=tmp_path, pattern=re.compile(r"(?P<epoch>\d+)"))
+    handler.dispatch(FileCreatedEvent(str(tmp_path / "odd-12.safetensors")))
+    assert handler.failure is None
+    assert [event.checkpoint.layout for event in drain(events)] == ["final"]  # type: ignore[union-attr]
+
+
+def test_the_exclusions_come_before_a_broad_pattern(tmp_path: Path) -> None:
+    """With `--polling` and `.*(?P<step>\\d+)`, sidecar's own cached copy is never a checkpoint."""
+    events: queue.Queue[FileEvent] = queue.Queue()
+    samples = tmp_path / "renders"
+    handler = CheckpointEventHandler(
+        events, root=tmp_path, pattern=re.compile(r".*?(?P<step>\d+)"), ignore=(samples,)
+    )
+    own = [
+        tmp_path / "samples/.sidecar/cache/ab12/run_000000100.safetensors",
+        samples / "step_000100/lora_000000100.safetensors",
+        tmp_path / "run_000000100-optimizer.safetensors",
+        tmp_path / "ema/run_000000100.safetensors",
+    ]
+    for path in own:
+        handler.dispatch(FileCreatedEvent(str(path)))
+    handler.dispatch(FileCreatedEvent(str(tmp_path / "run_000000100.safetensors")))
+    assert [event.path for event in drain(events)] == [tmp_path / "run_000000100.safetensors"]
+
+
+def test_a_dead_observer_is_reported_and_a_restart_rescans(tmp_path: Path, monkeypatch) -> None:
+    events: queue.Queue[FileEvent] = queue.Queue()
+    lora = tmp_path / "run_000000100.safetensors"
+    lora.write_bytes(b"x")
+    watcher = CheckpointWatcher(tmp_path, events)
+    watcher.start()
+    try:
+        assert watcher.problem() is None
+        watcher.handler.failure = RuntimeError("boom")
+        assert watcher.problem() == "the file-event handler failed: RuntimeError: boom"
+        watcher.handler.failure = None
+        watcher._observer.stop()  # type: ignore[union-attr]  # the thread ends, as after an error in it
+        watcher._observer.join(WAIT_SECONDS)  # type: ignore[union-attr]
+        assert watcher.problem() == "the observer thread died"
+
+        watcher.restart()
+
+        assert watcher.problem() is None
+        assert [event.path for event in drain(events) if event.kind == "scanned"] == [lora]
+        second = tmp_path / "run_000000200.safetensors"
+        second.write_bytes(b"x")
+        wait_for(events, second, kinds=("created", "modified", "closed"))  # the new observer sees it
+    finally:
+        watcher.stop()

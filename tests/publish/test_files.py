@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -12,13 +13,16 @@ import pytest
 from factories import sample_request
 from PIL import Image
 
-from sidecar.confined import ConfinedFolder
-from sidecar.errors import ConfigError
+from sidecar.confined import ConfinedFolder, UnsafeEntryError
+from sidecar.errors import ConfigError, TransientError
 from sidecar.plan.request import SampleRequest
 from sidecar.publish import files as output
 from sidecar.publish.files import (
+    NOTE_PREFIX,
     SamplePaths,
+    SampleWriteError,
     infotext,
+    link_sample,
     read_infotext,
     remove_stale_temp_files,
     sample_paths,
@@ -346,3 +350,83 @@ def test_read_infotext_of_an_image_without_metadata_is_none(tmp_path):
     for name in ("plain.png", "plain.jpg", "plain.webp"):
         _image().save(tmp_path / name)
         assert read_infotext(tmp_path / name) is None
+
+
+# --- never through a symlink; transient write errors -----------------------------------------
+
+
+def test_a_step_folder_that_is_a_symlink_is_never_written_through(tmp_path):
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    (samples / "step_000500").symlink_to(victim)
+    with pytest.raises(UnsafeEntryError, match=r"step_000500` is a symbolic link"):
+        _write(samples)
+    assert list(victim.iterdir()) == []
+
+
+def test_temp_files_are_not_cleaned_through_a_linked_step_folder(tmp_path):
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / ".sample_03.png.0a1b2c3d4e5f.tmp").write_bytes(b"not sidecar's")
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    (samples / "step_000500").symlink_to(victim)
+    assert remove_stale_temp_files(samples) == 0
+    assert (victim / ".sample_03.png.0a1b2c3d4e5f.tmp").exists()
+
+
+class FailingWrites:
+    """`os.replace` that fails with `errno` for the first `times` calls (a full disk that frees)."""
+
+    def __init__(self, monkeypatch, error: int, times: int) -> None:
+        self.left = times
+        self.error = error
+        self.real = os.replace
+        monkeypatch.setattr(output.os, "replace", self)
+
+    def __call__(self, src, dst, **dirs):
+        if self.left > 0:
+            self.left -= 1
+            raise OSError(self.error, os.strerror(self.error))
+        return self.real(src, dst, **dirs)
+
+
+@pytest.mark.parametrize("error", [errno.ENOSPC, errno.EIO, errno.EBUSY], ids=["ENOSPC", "EIO", "EBUSY"])
+def test_a_transient_write_error_is_retried_and_leaves_nothing_half_written(tmp_path, monkeypatch, error):
+    FailingWrites(monkeypatch, error, times=2)
+    waits: list[float] = []
+    paths = _write(tmp_path, retry_seconds=(0.5, 1.0, 2.0), sleep=waits.append)
+    assert waits == [0.5, 1.0]
+    assert read_infotext(paths.image).startswith(REQUEST.prompt)
+    assert _temp_files(tmp_path) == []
+
+
+def test_a_write_error_that_does_not_pass_is_a_transient_error_and_nothing_is_left(tmp_path, monkeypatch):
+    FailingWrites(monkeypatch, errno.ENOSPC, times=100)
+    waits: list[float] = []
+    with pytest.raises(SampleWriteError, match=r"No space left on device \(tried 3 times\)") as info:
+        _write(tmp_path, retry_seconds=(0.5, 1.0), sleep=waits.append)
+    assert isinstance(info.value, TransientError)
+    assert waits == [0.5, 1.0]
+    assert not sample_paths(tmp_path, 500, REQUEST.index, "png").image.exists()
+    assert _temp_files(tmp_path) == []
+
+
+def test_other_write_errors_are_not_retried(tmp_path, monkeypatch):
+    FailingWrites(monkeypatch, errno.EACCES, times=1)
+    with pytest.raises(PermissionError):
+        _write(tmp_path, sleep=lambda seconds: pytest.fail("retried a permission error"))
+
+
+def test_a_sample_linked_from_an_identical_step_shares_its_image_and_says_so(tmp_path):
+    first = _write(tmp_path)
+    linked = link_sample(tmp_path, 600, REQUEST, first.image, note="same bytes as step_000500")
+    assert linked is not None
+    assert linked.image == step_dir(tmp_path, 600) / "sample_03.png"
+    assert linked.image.stat().st_ino == first.image.stat().st_ino
+    note_line = f"{NOTE_PREFIX}same bytes as step_000500\n"
+    assert linked.text.read_text(encoding="utf-8") == f"{REQUEST.prompt}\n{note_line}"
+    assert link_sample(tmp_path, 700, REQUEST, tmp_path / "step_000100" / "sample_03.png", note="x") is None
+    assert link_sample(tmp_path, 500, REQUEST, first.image, note="x") == first  # a final at the same step

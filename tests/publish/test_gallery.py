@@ -19,7 +19,8 @@ import pytest
 from factories import REPO, sample_request
 from PIL import Image, ImageDraw
 
-from sidecar.publish.files import infotext, write_sample
+from sidecar.confined import UnsafeEntryError
+from sidecar.publish.files import NOTE_PREFIX, infotext, write_sample
 from sidecar.publish.gallery import (
     THUMB_SIZE_PX,
     build_gallery,
@@ -207,6 +208,26 @@ def test_temp_files_and_other_folders_are_not_samples(tmp_path: Path) -> None:
     (tmp_path / "step_000700").mkdir()  # empty: no column
     assert list(find_samples(tmp_path)) == [500]
     assert sorted(find_samples(tmp_path)[500]) == [0, 1, 2]
+
+
+def test_thumbnails_are_never_written_or_removed_through_a_symlink(tmp_path: Path) -> None:
+    victim = tmp_path.parent / f"{tmp_path.name}-victim"
+    (victim / "step_000500").mkdir(parents=True)
+    (victim / "step_000500" / "sample_09.webp").write_bytes(b"not a thumbnail of ours")
+    make_samples(tmp_path, (500,))
+    (tmp_path / ".thumbs").symlink_to(victim)
+
+    with pytest.raises(UnsafeEntryError, match=r"\.thumbs` is a symbolic link"):
+        build_gallery(tmp_path)
+
+    assert sorted(p.name for p in (victim / "step_000500").iterdir()) == ["sample_09.webp"]
+
+
+def test_a_note_in_the_prompt_file_is_not_part_of_the_prompt(tmp_path: Path) -> None:
+    make_samples(tmp_path, (500,), prompts=(REQUEST.prompt,))
+    text = tmp_path / "step_000500" / "sample_00.txt"
+    text.write_text(f"{REQUEST.prompt}\n{NOTE_PREFIX}a hard link of step_000400/sample_00.png\n")
+    assert read_sample_info(tmp_path / "step_000500" / "sample_00.png").prompt == REQUEST.prompt
 
 
 def test_infotext_round_trip() -> None:
