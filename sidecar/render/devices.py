@@ -181,3 +181,12 @@ def cuda_uuid(index: int) -> str | None:
     if torch.cuda.is_available() and index < torch.cuda.device_count():
         return str(torch.cuda.get_device_properties(index).uuid)
     return None
+
+
+def card_memory(gpu: int, dtype: str) -> tuple[str, int, str]:
+    """For `sidecar check --gpu N`: the dtype `dtype` means on cuda:N, its free bytes, its name."""
+    device = resolve_device(device=None, gpu=gpu)
+    chosen = resolve_dtype(dtype, device)
+    free_bytes, _total = torch.cuda.mem_get_info(device)
+    name = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[chosen]
+    return name, int(free_bytes), f"{device} ({_device_name(device)})"

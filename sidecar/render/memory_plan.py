@@ -25,6 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from sidecar.plan.request import ModelSource
 from sidecar.render.model_sizes import (
     BACKBONE,
     COMPONENTS,
@@ -35,8 +36,10 @@ from sidecar.render.model_sizes import (
     ComponentSize,
     locate_components,
     lora_size,
+    quantization_type,
     size_component,
 )
+from sidecar.settings import DTYPE_ALIASES
 from sidecar.weights import TensorInfo
 
 GIB = 1024**3
@@ -322,3 +325,48 @@ def format_plan(plan: MemoryPlan) -> str:
     else:
         lines.append("  give --gpu N or --vram SIZE to see which mode `--offload auto` picks")
     return "\n".join(lines)
+
+
+def check_report(
+    model: ModelSource,
+    *,
+    dtype: str = "auto",
+    pixels: int = MEGAPIXEL,
+    batch_size: int = 1,
+    lora_rank: int | None = None,
+    gpu: int | None = None,
+    vram: str | None = None,
+) -> str:
+    """The memory section of `sidecar check`: the plan, and `auto`'s pick for a card.
+
+    `vram` plans for a CUDA card of that size on any machine (`auto` dtype: bf16, as on the
+    card); `gpu` reads the free memory of a real card (torch is imported only then).
+    Raises `ModelError` when a file is missing.
+    """
+    run_dtype = DTYPE_ALIASES.get(dtype, dtype)
+    label = ""
+    free_bytes = None
+    if gpu is not None:
+        from sidecar.render.devices import card_memory
+
+        run_dtype, free_bytes, label = card_memory(gpu, dtype)
+    elif vram is not None:
+        total = parse_size(vram)
+        free_bytes, label = max(total - CUDA_CONTEXT_BYTES, 0), f"a {gib(total)} card"
+    if run_dtype == "auto":
+        run_dtype = "bf16"
+    plan = plan_memory(
+        model.arch,
+        model.name_or_path,
+        vae_path=model.vae_path,
+        text_encoder_paths=model.text_encoder_paths,
+        dtype=run_dtype,
+        quantize=quantization_type(model.quantize),
+        low_vram=model.low_vram,
+        pixels=pixels,
+        batch_size=batch_size,
+        lora_rank=lora_rank,
+    )
+    if free_bytes is not None:
+        plan = choose(plan, free_bytes, label=label)
+    return format_plan(plan)

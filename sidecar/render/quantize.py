@@ -25,39 +25,11 @@ import warnings
 
 import torch
 
-from sidecar.errors import ModelError
+from sidecar.render.model_sizes import INT8, quantization_type
+
+__all__ = ["INT8", "is_quantized", "quantization_type", "quantize_backbone", "stored_bytes"]
 
 logger = logging.getLogger("sidecar.render")
-
-INT8 = "int8"
-# ai-toolkit's `quantize: true` and `qtype` names (quanto's and torchao's) that are 8 bits.
-EIGHT_BIT_TYPES = frozenset({"true", "qfloat8", "qint8", "int8", "float8", "fp8", "uint8", "8bit"})
-# Names of fewer bits: stored in 8 bits here.
-FEWER_BIT_TYPES = frozenset({"qint4", "qint2", "int4", "uint2", "uint3", "uint4", "uint5", "uint6", "uint7"})
-
-
-def quantization_type(value: bool | str | None) -> str | None:
-    """The type `model.quantize` asks for (`int8`), or None for no quantization.
-
-    Raises `ModelError` (key `quantize`) naming the accepted values for an unknown one.
-    """
-    if value is None or value is False:
-        return None
-    name = "true" if value is True else str(value).strip().lower()
-    if name in ("false", "none", ""):
-        return None
-    if name in EIGHT_BIT_TYPES:
-        return INT8
-    if name in FEWER_BIT_TYPES:
-        logger.warning(
-            "`model.quantize: %s`: sidecar stores the backbone in 8 bits (int8 weights), "
-            "more memory than %s but never less quality",
-            name,
-            name,
-        )
-        return INT8
-    known = ", ".join(sorted(EIGHT_BIT_TYPES | FEWER_BIT_TYPES))
-    raise ModelError(f"must be true, false or a quantization type ({known}), got {value!r}", key="quantize")
 
 
 def quantize_backbone(module: torch.nn.Module, qtype: str) -> torch.nn.Module:
