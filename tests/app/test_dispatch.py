@@ -8,6 +8,7 @@ their time), rendering with the tiny SDXL model.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -29,6 +30,7 @@ from sidecar.intake.cache import CheckpointCache
 from sidecar.intake.layouts import recognise
 from sidecar.intake.steps import StepCounter
 from sidecar.intake.watcher import FileEvent, scan_tree
+from sidecar.jobs.policy import WRITE_RETRY_BASE_SECONDS
 from sidecar.jobs.records import CheckpointJob
 from sidecar.jobs.store import JobStore
 from sidecar.publish.tensorboard import TensorBoardSink, sample_tag
@@ -434,6 +436,7 @@ def test_a_slot_taken_at_the_last_moment_leaves_the_checkpoint_waiting(make_rig)
     rig.run(0.0, 1.5)
     job = rig.jobs()[100]
     assert job.state == "pending" and rig.renderer.applied == []
+    assert job.attempts == 0  # the lost slot cost no attempt
     assert all(s.state == "pending" for s in rig.store.samples(job.id))
     assert rig.state().startswith("waiting for a slot: the slot closed")
 
@@ -569,6 +572,60 @@ def test_a_checkpoint_queued_before_a_config_edit_renders_and_publishes_with_its
         100: {sample_tag(request) for request in old_requests},
         200: {sample_tag(request) for request in new_requests},
     }
+
+
+# --- identical checkpoints, a full disk ------------------------------------------------------------
+
+
+def test_a_checkpoint_equal_to_an_earlier_one_gets_its_own_step_with_linked_images(make_rig) -> None:
+    rig = make_rig()
+    first = rig.lora(f"{NAME}_000000100.safetensors", step=100)
+    again = rig.output_dir / f"{NAME}_000000200.safetensors"
+    again.write_bytes(first.read_bytes())  # a trainer that saved unchanged weights again
+    rig.scan()
+    rig.run(0.0, 1.5, 2.0)
+
+    jobs = rig.jobs()
+    assert (jobs[100].state, jobs[200].state) == ("done", "done")
+    assert len(rig.renderer.applied) == 1 and rig.renderer.rendered == [0, 1]  # rendered once
+    for original, linked in zip(rig.images(100), rig.images(200), strict=True):
+        assert linked.name == original.name and linked.stat().st_ino == original.stat().st_ino
+        assert "hard link of step_000100/" in linked.with_suffix(".txt").read_text()
+    assert (rig.folder.step(200) / "grid.png").is_file()
+    assert "same bytes as step 100" in jobs[200].note
+    report = status_report(rig.samples_dir)
+    assert "notes (latest 1):" in report and "same bytes as step 100" in report
+    assert rig.cached() == []
+
+
+def test_a_full_disk_gives_the_checkpoint_back_without_an_attempt_and_resumes(make_rig, monkeypatch) -> None:
+    rig = make_rig()
+    monkeypatch.setattr("sidecar.publish.files.WRITE_RETRY_SECONDS", ())  # the dispatcher's wait only
+    real_replace = os.replace
+    disk = {"full": True}
+
+    def replace(src, dst, **dirs):
+        if disk["full"] and str(dst).endswith(".png"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_replace(src, dst, **dirs)
+
+    monkeypatch.setattr(os, "replace", replace)
+    rig.lora(f"{NAME}_000000100.safetensors")
+    rig.scan()
+    rig.run(0.0, 1.5)
+
+    job = rig.jobs()[100]
+    assert (job.state, job.attempts) == ("pending", 0)
+    assert job.retry_at == 1.5 + WRITE_RETRY_BASE_SECONDS and "No space left on device" in job.error
+    assert rig.state().startswith("cannot write samples, trying again in 10 s")
+    assert rig.images(100) == [] and not [p for p in rig.samples_dir.rglob("*.tmp")]
+    rig.run(5.0)
+    assert rig.jobs()[100].state == "pending"  # still waiting for its retry time
+
+    disk["full"] = False
+    rig.run(1.5 + WRITE_RETRY_BASE_SECONDS)
+
+    assert rig.jobs()[100].state == "done" and len(rig.images(100)) == 2
 
 
 # --- what `sidecar status` shows ----------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import random
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -49,7 +50,7 @@ class IntakeRig:
     def folder(self) -> SamplesFolder:
         return SamplesFolder(self.samples_dir)
 
-    def start(self) -> Intake:
+    def start(self, *, follow_symlinks: bool = False) -> Intake:
         """(Re)start the intake on the same samples folder, as a new process would."""
         if self.store is not None:
             self.store.close()
@@ -61,6 +62,7 @@ class IntakeRig:
             cache=CheckpointCache(self.folder.cache),
             plans=PlanSource(self.config_path),
             steps=StepCounter(),
+            follow_symlinks=follow_symlinks,
             settle_seconds=SETTLE_SECONDS,
             abandon_seconds=ABANDON_SECONDS,
         )
@@ -349,3 +351,63 @@ def test_a_changed_sample_section_applies_to_later_checkpoints(make_rig, caplog)
     assert len(rig.prompts(300)) == 3  # the previous plan is kept
     (error,) = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert "sample_steps" in error.getMessage() and "trainer.yaml:" in error.getMessage()
+
+
+# --- hostile files: links out of the folder, corrupt bytes; close events ----------------------
+
+
+def test_a_checkpoint_linked_out_of_the_watched_folder_is_recorded_failed_and_never_read(
+    make_rig, tmp_path: Path
+) -> None:
+    rig = make_rig()
+    secret = tmp_path / "elsewhere" / "secret.safetensors"
+    secret.parent.mkdir()
+    secret.write_bytes(b"not for sidecar")
+    link = rig.output_dir / f"{NAME}_000000100.safetensors"
+    link.symlink_to(secret)
+    rig.scan()
+    rig.run(0.0, 2.0, 10.0)
+    rig.event("modified", link)  # seen again: recorded once
+    rig.run(11.0)
+
+    (job,) = rig.jobs().values()
+    assert job.state == "failed" and job.step == 100
+    assert "outside the watched folder" in job.error and "--follow-symlinks" in job.error
+    assert rig.cached() == [] and rig.intake.waiting() == []
+    assert secret.read_bytes() == b"not for sidecar"
+
+
+def test_follow_symlinks_reads_a_checkpoint_linked_in(make_rig, tmp_path: Path) -> None:
+    rig = make_rig()
+    storage = tmp_path / "storage"
+    storage.mkdir()
+    real = rig.lora(f"{NAME}_000000100.safetensors")
+    real.rename(storage / real.name)
+    real.symlink_to(storage / real.name)
+    rig.start(follow_symlinks=True)
+    rig.scan()
+    rig.run(0.0, 1.5)
+    assert rig.jobs()[100].state == "pending"
+    assert rig.jobs()[100].content_hash == content_hash(storage / real.name)
+
+
+def test_a_whole_checkpoint_closed_by_its_writer_is_taken_at_once(make_rig) -> None:
+    rig = make_rig()
+    lora = rig.lora(f"{NAME}_000000100.safetensors")
+    rig.event("closed", lora)
+    rig.run(0.0)  # no settle wait
+    assert rig.jobs()[100].state == "pending"
+
+
+def test_random_bytes_are_failed_once_settled_and_listed_until_then(make_rig) -> None:
+    rig = make_rig()
+    path = rig.output_dir / f"{NAME}_000000100.safetensors"
+    path.write_bytes(random.Random(0).randbytes(40_000))  # its "header length" is far over the limit
+    rig.scan()
+    rig.run(0.0)
+    ((waiting, reason),) = rig.intake.waiting()
+    assert waiting == path and reason.startswith("not whole yet: header length field says")
+    rig.run(SETTLE_SECONDS)
+    job = rig.jobs()[100]
+    assert job.state == "failed" and job.error.startswith("corrupt: header length field says")
+    assert rig.intake.waiting() == []

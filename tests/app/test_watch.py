@@ -16,8 +16,19 @@ from pathlib import Path
 
 import pytest
 
+from sidecar.app.state import StateFile
 from sidecar.app.status import status_report
-from sidecar.app.watch import EXIT_FAILED, EXIT_OK, Daemon, WatchRequest, build_slot_gate, run_watch
+from sidecar.app.watch import (
+    EXIT_FAILED,
+    EXIT_OK,
+    WATCHER_RESTART_WINDOW_SECONDS,
+    Daemon,
+    WatcherDied,
+    WatchRequest,
+    build_slot_gate,
+    run_watch,
+)
+from sidecar.confined import UnsafeEntryError
 from sidecar.errors import ConfigError, ModelError, SidecarError
 from sidecar.intake.layouts import recognise
 from sidecar.intake.watcher import FileEvent
@@ -267,6 +278,95 @@ def test_a_base_model_that_does_not_load_stops_the_daemon(make_site) -> None:
     assert "last state: stopped" in status_report(site.samples_dir)
     with process_lock(site.folder.lock, what="released on the way out"):
         pass
+
+
+# --- a dead watcher --------------------------------------------------------------------------
+
+
+class FailingWatcher:
+    """A watcher whose handler keeps failing: `problem()` says so until it is restarted."""
+
+    def __init__(self) -> None:
+        self.restarts = 0
+        self.failing = True
+
+    def problem(self) -> str | None:
+        return "the file-event handler failed: RuntimeError: boom" if self.failing else None
+
+    def restart(self) -> None:
+        self.restarts += 1
+
+
+def test_a_dead_watcher_is_restarted_and_one_that_keeps_dying_stops_the_daemon(make_site) -> None:
+    site = make_site()
+    daemons: list[Daemon] = []
+    assert site.watch(site.request(once=True), daemon_ready=daemons.append) == EXIT_OK
+    (daemon,) = daemons
+    watcher = FailingWatcher()
+    daemon.watcher = watcher  # type: ignore[assignment]
+
+    for now in (0.0, 10.0, 20.0):
+        daemon.check_watcher(now)
+    assert watcher.restarts == 3
+    with pytest.raises(WatcherDied, match=r"failed 4 times in 600 s \(the file-event handler failed"):
+        daemon.check_watcher(30.0)
+
+    daemon.check_watcher(30.0 + WATCHER_RESTART_WINDOW_SECONDS)  # old failures age out: restarted again
+    assert watcher.restarts == 4
+    watcher.failing = False
+    daemon.check_watcher(10_000.0)
+    assert watcher.restarts == 4
+
+
+# --- the samples folder's own entries -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "entry", [".sidecar", ".sidecar/cache", ".sidecar/daemon.lock", ".sidecar/jobs.sqlite3"]
+)
+def test_a_state_entry_that_is_a_symlink_stops_the_daemon_before_anything_is_written(
+    make_site, tmp_path: Path, entry: str
+) -> None:
+    site = make_site()
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "precious.txt").write_bytes(b"keep me")
+    planted = site.samples_dir / entry
+    planted.parent.mkdir(parents=True, exist_ok=True)
+    planted.symlink_to(victim if not entry.endswith((".lock", ".sqlite3")) else victim / "precious.txt")
+
+    with pytest.raises(UnsafeEntryError, match=rf"{planted.name}` is a symbolic link"):
+        site.watch(site.request(once=True))
+
+    assert sorted(p.name for p in victim.iterdir()) == ["precious.txt"]
+    assert (victim / "precious.txt").read_bytes() == b"keep me"
+
+
+def test_a_default_samples_folder_that_is_a_symlink_is_refused_but_one_named_by_output_is_used(
+    make_site, tmp_path: Path
+) -> None:
+    site = make_site()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    site.samples_dir.symlink_to(elsewhere)
+    with pytest.raises(UnsafeEntryError, match="samples` is a symbolic link"):
+        site.watch(site.request(once=True))
+    assert list(elsewhere.iterdir()) == []
+    assert site.watch(site.request(once=True, output=site.samples_dir)) == EXIT_OK
+    assert (elsewhere / ".sidecar").is_dir()
+
+
+def test_status_lists_every_file_not_ready_yet_with_its_reason(make_site) -> None:
+    site = make_site()
+    assert site.watch(site.request(once=True)) == EXIT_OK
+    state = StateFile(site.samples_dir)
+    state.set("idle")
+    half = site.output_dir / f"{NAME}_000000100.safetensors"
+    state.set_waiting([(half, "not whole yet: header says 800 bytes of data, file has 12")], now=0.0)
+
+    report = status_report(site.samples_dir)
+
+    assert f"not ready yet (1):\n  {half}: not whole yet: header says 800 bytes" in report
 
 
 # --- the idle wait ----------------------------------------------------------------------------
