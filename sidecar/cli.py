@@ -22,6 +22,10 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 LOG_HANDLER_NAME = "sidecar-cli"
+PROMPTS_HELP = (
+    "a prompt file instead of the config's prompts: kohya .txt/.toml/.json, "
+    "a OneTrainer sample list or a SimpleTuner user prompt library"
+)
 
 
 class JsonLogFormatter(logging.Formatter):
@@ -85,7 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     def config_options(command: argparse.ArgumentParser, *, required: bool = True) -> None:
-        command.add_argument("--config", type=Path, required=required, help="the trainer's YAML config")
+        command.add_argument(
+            "--config",
+            type=Path,
+            required=required,
+            help="the trainer's config (default: the one the trainer keeps or copies in the run folder)",
+        )
         command.add_argument(
             "--process",
             default=None,
@@ -95,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
             "--prompts",
             type=Path,
             default=None,
-            help="a kohya prompt file (.txt) instead of the config's prompts",
+            help=PROMPTS_HELP,
         )
 
     def device_options(command: argparse.ArgumentParser) -> None:
@@ -108,9 +117,16 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser(
         "check", help="parse a trainer config and print the sample plan", parents=[logging_options]
     )
-    check.add_argument("config_file", type=Path, metavar="CONFIG")
+    check.add_argument(
+        "config_file",
+        type=Path,
+        metavar="CONFIG",
+        nargs="?",
+        default=Path("."),
+        help="the trainer's config, or a run folder to find it in (default: the current folder)",
+    )
     check.add_argument("--process", default=None)
-    check.add_argument("--prompts", type=Path, default=None)
+    check.add_argument("--prompts", type=Path, default=None, help=PROMPTS_HELP)
     card = check.add_mutually_exclusive_group()
     card.add_argument("--gpu", type=int, default=None, help="plan for the free memory of cuda:N")
     card.add_argument(
@@ -119,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     render = commands.add_parser("render", help="render one checkpoint's samples", parents=[logging_options])
     render.add_argument("checkpoint", type=Path, nargs="?", metavar="CHECKPOINT")
-    config_options(render)
+    config_options(render, required=False)
     device_options(render)
     render.add_argument("--output", type=Path, default=None, help="samples folder")
     render.add_argument("--step", type=int, default=None, help="the step, when the file name has none")
@@ -132,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
         "watch", help="watch a trainer's output folder and render each checkpoint", parents=[logging_options]
     )
     watch.add_argument("output_dir", type=Path, metavar="OUTPUT_DIR")
-    config_options(watch)
+    config_options(watch, required=False)
     device_options(watch)
     watch.add_argument(
         "--output", type=Path, default=None, help="samples folder (default OUTPUT_DIR/samples)"
@@ -202,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
         "tiny", help="build the tiny offline models into a folder", parents=[logging_options]
     )
     tiny.add_argument("folder", type=Path)
-    tiny.add_argument("--size", choices=("shallow", "deep"), default="shallow")
+    tiny.add_argument("--size", choices=("shallow", "deep", "wide"), default="shallow")
     return parser
 
 
@@ -260,11 +276,12 @@ def _device_overrides(args: argparse.Namespace) -> dict[str, object]:
 
 
 def cmd_render(args: argparse.Namespace) -> int:
+    from sidecar.app.commands import trainer_config
     from sidecar.app.render_cmd import render_command
 
     return render_command(
         checkpoint=args.checkpoint,
-        config_path=args.config,
+        config_path=trainer_config(args.config, checkpoint=args.checkpoint),
         process=_process(args.process),
         prompts_file=args.prompts,
         step=args.step,
@@ -289,9 +306,11 @@ def cmd_watch(args: argparse.Namespace) -> int:
         "slot_file_mode": args.slot_file_mode,
         "tensorboard": args.tensorboard,
     }
+    from sidecar.app.commands import trainer_config
+
     request = WatchRequest(
         output_dir=args.output_dir,
-        config_path=args.config,
+        config_path=trainer_config(args.config, run_dir=args.output_dir),
         overrides=overrides,
         process=_process(args.process),
         prompts_file=args.prompts,

@@ -8,6 +8,27 @@ from pathlib import Path
 from sidecar.settings import samples_dir
 
 
+def trainer_config(
+    config: Path | None, *, run_dir: Path | None = None, checkpoint: Path | None = None
+) -> Path:
+    """The config to read: `config` when it is a file; when it is a folder (a run's output
+    folder), or not given, the config the run's trainer keeps or copies in the run folder
+    (`run_dir`, else the checkpoint's; `sidecar.plan.discover`). Raises `ConfigError` naming
+    where it looked."""
+    from sidecar.errors import ConfigError
+    from sidecar.intake.layouts import run_dir_of
+    from sidecar.plan.discover import find_config
+
+    if config is not None and not Path(config).is_dir():
+        return Path(config)
+    if run_dir is None and checkpoint is not None:
+        run_dir = run_dir_of(Path(checkpoint).resolve())
+    folder = Path(config) if config is not None else run_dir
+    if folder is None:
+        raise ConfigError("no trainer config given: pass --config CONFIG (or a checkpoint in its run folder)")
+    return find_config(folder)
+
+
 def check(
     config_path: Path,
     *,
@@ -24,7 +45,7 @@ def check(
     from sidecar.plan.report import format_plan
     from sidecar.render.memory_plan import check_report
 
-    config = load_trainer_config(config_path, process=process)
+    config = load_trainer_config(trainer_config(config_path, run_dir=None), process=process)
     plan = build_plan(config, prompts_file=prompts_file)
     try:
         memory = check_report(

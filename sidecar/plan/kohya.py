@@ -39,7 +39,7 @@ from sidecar.plan.config import TrainerConfig, resolve_relative
 from sidecar.plan.detect import detect_model_arch
 from sidecar.plan.files import Locator, read_toml
 from sidecar.plan.models import ModelConfig, SampleConfig
-from sidecar.plan.native import Value, checked, prompt_file, unused
+from sidecar.plan.native import Value, checked, find_beside, prompt_file, unused
 from sidecar.plan.request import Cadence
 from sidecar.samplers import trainer_sampler
 from sidecar.settings import Settings
@@ -224,6 +224,14 @@ def _sampler(flat: dict[str, Value], arch: Arch, musubi: bool, locator: Locator)
         raise locator.error(given.path, str(error)) from None
 
 
+def _output_dir(value: Value | None, base: Path, locator: Locator) -> Path | None:
+    """`output_dir`, found beside the config or above it (kohya runs from its own folder)."""
+    if value is None:
+        return None
+    text = checked(value, as_text, locator)
+    return find_beside(text, base) or Path(text).expanduser()
+
+
 def read_kohya_config(path: Path) -> TrainerConfig:
     """A kohya sd-scripts or musubi-tuner `--config_file` TOML; errors located at the TOML key."""
     data, locator = read_toml(path)
@@ -270,9 +278,7 @@ def read_kohya_config(path: Path) -> TrainerConfig:
         yaml_prefix="",
         locator=locator,
         trainer=trainer,
-        output_dir=Path(resolve_relative(checked(output_dir, as_text, locator), base))
-        if output_dir
-        else None,
+        output_dir=_output_dir(output_dir, base, locator),
         prompts_file=prompt_file(prompts, base, locator),
         dialect="musubi" if musubi else "kohya",
         cadence=cadence,

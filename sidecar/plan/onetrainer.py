@@ -29,7 +29,7 @@ from sidecar.errors import SamplerError
 from sidecar.plan.config import TrainerConfig, resolve_relative
 from sidecar.plan.files import Locator, pointer, read_json
 from sidecar.plan.models import ModelConfig, PromptItem, SampleConfig
-from sidecar.plan.native import Value, checked, prompt_file, unused, validated
+from sidecar.plan.native import Value, checked, find_beside, prompt_file, unused, validated
 from sidecar.plan.prompts import Origin, Source
 from sidecar.plan.request import Cadence
 from sidecar.samplers import trainer_sampler
@@ -276,7 +276,7 @@ def read_onetrainer_config(path: Path) -> TrainerConfig:
         yaml_prefix="",
         locator=locator,
         trainer=ONETRAINER,
-        output_dir=Path(resolve_relative(str(workspace), base)),
+        output_dir=find_beside(str(workspace), base) or Path(str(workspace)),
         prompts_file=prompts,
         dialect="aitoolkit",
         cadence=cadence,

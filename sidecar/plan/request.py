@@ -154,17 +154,17 @@ class Cadence:
         """Why a checkpoint is not rendered, or None when it is.
 
         `seconds_since_last` is the time since the last checkpoint this cadence let through
-        (None: none yet, so this one is the first). A step or epoch the file does not tell
-        never skips: sidecar renders what it cannot place.
+        (None: none yet, so this one is the first past the start). A step or epoch the file
+        does not tell never skips: sidecar renders what it cannot place.
         """
-        if is_final or seconds_since_last is None:
+        if is_final:
             return None
         if step is not None and step < self.start_step:
             return f"sampling starts at step {self.start_step}; this is step {step}"
         if epoch is not None and epoch < self.start_epoch:
             return f"sampling starts at epoch {self.start_epoch}; this is epoch {epoch}"
-        if self.every is None or self.every <= 0:
-            return None
+        if seconds_since_last is None or self.every is None or self.every <= 0:
+            return None  # the first checkpoint past the start always renders, as under `sample_every`
         if self.unit == "epoch" and epoch is not None and epoch % int(self.every) != 0:
             return f"sample every {int(self.every)} epochs: epoch {epoch} is not a multiple"
         if self.unit == "second" and seconds_since_last < self.every:
