@@ -91,6 +91,7 @@ ARCH_ALIASES: dict[str, Arch] = {
     "flux_schnell": "flux",
     "flux-dev": "flux",
     "flux-schnell": "flux",
+    "flux_kontext": "flux",  # ai-toolkit's FLUX.1 Kontext; its control images travel in the request
 }
 
 

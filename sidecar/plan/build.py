@@ -159,7 +159,7 @@ def _media(config: TrainerConfig, source: Source, item: PromptItem, flags: dict)
     images = (*(flags.get("control_images") or ()), *item.all_control_images)  # type: ignore[misc]
     init_image = _first(flags.get("init_image"), item.init_image)
     frames = int(_first(flags.get("num_frames"), item.num_frames, config.sample.num_frames, 1))  # type: ignore[arg-type]
-    fps = _first(item.fps, config.sample.fps)
+    fps = _first(flags.get("fps"), item.fps, config.sample.fps)
     if fps is None and frames > 1 and source.dialect == "aitoolkit":
         fps = AITOOLKIT_DEFAULT_FPS
     return {

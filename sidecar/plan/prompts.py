@@ -62,12 +62,22 @@ _FLAGS: dict[str, str] = {
     "g": "embedded_guidance",
     "ss": "sampler",
 }
-# musubi-tuner's additions (src/musubi_tuner/training/sampling_prompts.py): frames, the
-# image-to-video start image and control images, carried in the request.
+# ai-toolkit's video and control-image flags (`_process_prompt_string` in toolkit/config_modules.py)
+# and musubi-tuner's (src/musubi_tuner/training/sampling_prompts.py): frames, the image-to-video
+# start image and control images, carried in the request.
+_AITOOLKIT_FLAGS: dict[str, str] = {
+    **_FLAGS,
+    "frames": "num_frames",
+    "num_frames": "num_frames",
+    "fps": "fps",
+    "ctrl_img": "control_image",
+}
 _MUSUBI_FLAGS: dict[str, str] = {**_FLAGS, "f": "num_frames", "i": "init_image", "ci": "control_image"}
+_DIALECT_FLAGS = {"aitoolkit": _AITOOLKIT_FLAGS, "kohya": _FLAGS, "musubi": _MUSUBI_FLAGS}
 # Flags trainers know that sidecar does not use: ignored with a warning naming them.
 _UNSUPPORTED_FLAGS = frozenset(
-    {"p2", "n2", "gr", "a", "f", "fs", "cn", "ctr", "rcfg", "am", "i", "ci", "ei", "of"}
+    {"p2", "n2", "gr", "a", "ref", "ev", "extra_values", "ctrl_idx"}  # ai-toolkit
+    | {"f", "fs", "cn", "ctr", "rcfg", "am", "i", "ci", "ei", "of"}  # kohya, musubi-tuner
 )
 
 _FLAG_RULES: dict[str, Callable[[object], object]] = {
@@ -80,6 +90,7 @@ _FLAG_RULES: dict[str, Callable[[object], object]] = {
     "strength": as_number,
     "sampler": as_sampler,
     "num_frames": as_positive_int,
+    "fps": as_positive_int,
     "init_image": as_text,
 }
 
@@ -125,7 +136,7 @@ def parse_prompt_flags(
     """
     if dialect == "plain":
         return text.strip(), {}
-    flags = _MUSUBI_FLAGS if dialect == "musubi" else _FLAGS
+    flags = _DIALECT_FLAGS[dialect]
     parts = _FLAG_SPLIT.split(text.strip())
     settings: dict[str, object] = {}
     for part in parts[1:]:
