@@ -8,7 +8,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterable
+import sys
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,9 @@ logger = logging.getLogger("sidecar.slots")
 DWELL_SECONDS = 5.0  # a trainer between two steps looks idle for a moment; wait this long
 NVML_EXTRA_HINT = "install it with `pip install 'sidecar[nvml]'` (the nvidia-ml-py package)"
 GIB = 1024**3
+# NVML counts a process's CUDA context (and cuBLAS workspaces) besides what torch reserves:
+# sidecar's own process shows torch's reserved bytes plus at most this much.
+CONTEXT_SLACK_BYTES = 3 * GIB // 2
 
 
 def load_nvml() -> Any:
@@ -46,6 +50,36 @@ def process_name(pid: int) -> str | None:
         return Path(f"/proc/{pid}/comm").read_text().strip() or None
     except OSError:
         return None
+
+
+def namespace_pids(status_path: str = "/proc/self/status") -> set[int]:
+    """This process's PID in every PID namespace /proc shows (`NSpid`), and `os.getpid()`.
+
+    Inside a container NVML reports the host's PIDs. Where /proc shows the outer namespace
+    too (nested namespaces, some runtimes) `NSpid` lists the host PID; where it does not,
+    `NvmlProbe` learns it from the memory the process uses (`own_host_pid`).
+    """
+    pids = {os.getpid()}
+    try:
+        for line in Path(status_path).read_text().splitlines():
+            if line.startswith("NSpid:"):
+                pids.update(int(value) for value in line.split()[1:])
+    except (OSError, ValueError):
+        pass
+    return pids
+
+
+def torch_reserved_bytes() -> int | None:
+    """What torch holds on its current CUDA card, or None while this process has no CUDA context."""
+    torch = sys.modules.get("torch")  # never import torch for this: no context, nothing held
+    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    return int(torch.cuda.memory_reserved())
+
+
+def pid_is_visible(pid: int) -> bool:
+    """Whether `pid` is a process of this PID namespace (a container sees only its own)."""
+    return Path(f"/proc/{pid}").exists()
 
 
 def _as_text(value: Any) -> str:
@@ -106,9 +140,12 @@ class NvmlProbe:
     render only on an idle card. The dwell time keeps a trainer that pauses between
     steps or between epochs from being taken for finished. Closing is immediate.
 
-    `own_pids` are ignored as foreign (default: this process). In a container without
-    the host's PID namespace NVML reports host PIDs, so pass the host PID or rely on
-    `required_free_bytes`. NVML errors close the slot and are reported by `describe`.
+    `own_pids` are ignored as foreign (default: this process in every PID namespace /proc
+    shows, `namespace_pids`). In a container NVML reports host PIDs that /proc does not
+    show: the probe then takes as sidecar's own the one process, invisible from here, whose
+    memory is what torch holds in this process plus its CUDA context (`own_usage`, within
+    CONTEXT_SLACK_BYTES), and remembers its PID. NVML errors close the slot and are reported
+    by `describe`.
     """
 
     def __init__(
@@ -120,13 +157,17 @@ class NvmlProbe:
         own_pids: Iterable[int] | None = None,
         nvml: Any = None,
         label: str | None = None,
+        own_usage: Callable[[], int | None] = torch_reserved_bytes,
+        visible: Callable[[int], bool] = pid_is_visible,
     ) -> None:
         if dwell_seconds < 0:
             raise ValueError(f"`dwell_seconds` must be >= 0, got {dwell_seconds}")
         self.gpu_index = gpu_index
         self.required_free_bytes = required_free_bytes
         self.dwell_seconds = dwell_seconds
-        self.own_pids = frozenset(own_pids) if own_pids is not None else frozenset({os.getpid()})
+        self.own_pids = set(own_pids) if own_pids is not None else namespace_pids()
+        self.own_usage = own_usage
+        self.visible = visible
         self.label = label or f"GPU {gpu_index}"
         self._nvml = nvml if nvml is not None else load_nvml()
         self._handle: Any = None
@@ -145,15 +186,47 @@ class NvmlProbe:
 
     def foreign_processes(self) -> list[ForeignProcess]:
         """Compute processes on the card other than ours."""
+        infos = [
+            info
+            for info in self._nvml.nvmlDeviceGetComputeRunningProcesses(self._device())
+            if info.pid not in self.own_pids
+        ]
+        own = self.own_host_pid(infos)
         found = []
-        for info in self._nvml.nvmlDeviceGetComputeRunningProcesses(self._device()):
-            if info.pid in self.own_pids:
+        for info in infos:
+            if info.pid == own:
                 continue
             used = getattr(info, "usedGpuMemory", None)
             found.append(
                 ForeignProcess(info.pid, used if isinstance(used, int) else None, process_name(info.pid))
             )
         return found
+
+    def own_host_pid(self, infos: list[Any]) -> int | None:
+        """sidecar's own process among `infos` when NVML reports it under a host PID, learnt once.
+
+        Only while this process holds a CUDA context, and only when exactly one process
+        invisible from this PID namespace uses what torch holds here plus a context.
+        """
+        reserved = self.own_usage()
+        if reserved is None:
+            return None
+        matches = [
+            info.pid
+            for info in infos
+            if not self.visible(info.pid)
+            and isinstance(getattr(info, "usedGpuMemory", None), int)
+            and reserved <= info.usedGpuMemory <= reserved + CONTEXT_SLACK_BYTES
+        ]
+        if len(matches) != 1:
+            return None
+        self.own_pids.add(matches[0])
+        logger.info(
+            "%s: process %s is sidecar itself, seen from outside its PID namespace (a container)",
+            self.label,
+            matches[0],
+        )
+        return matches[0]
 
     def is_open(self, now: float) -> bool:
         try:

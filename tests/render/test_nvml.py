@@ -235,3 +235,79 @@ def test_gate_over_nvml_logs_each_transition_once(nvml, caplog):
     assert [r.getMessage() for r in caplog.records] == [
         "slot opened after 42 s: slot open: no other compute process on cuda:0"
     ]
+
+
+# --- in a container: NVML reports host PIDs ------------------------------------------
+
+HOST_PID_OF_SIDECAR = 987654  # what NVML calls sidecar from outside its PID namespace
+HOST_PID_OF_TRAINER = 123456
+
+
+def _container_probe(nvml: FakeNvml, reserved: dict[str, int | None]) -> NvmlProbe:
+    """A probe inside a container: no host PID is visible, torch holds `reserved["bytes"]`."""
+    return NvmlProbe(
+        0,
+        required_free_bytes=None,
+        dwell_seconds=0.0,
+        nvml=nvml,
+        own_pids=[OWN_PID],
+        own_usage=lambda: reserved["bytes"],
+        visible=lambda pid: pid == OWN_PID,
+    )
+
+
+def test_in_a_container_sidecars_own_context_is_recognised_and_the_slot_reopens(nvml, caplog):
+    """The bug: after the first render sidecar's own host PID closed the slot for good."""
+    reserved: dict[str, int | None] = {"bytes": None}
+    probe = _container_probe(nvml, reserved)
+    assert probe.is_open(0.0)  # nobody on the card: sidecar loads and renders
+    reserved["bytes"] = 10 * GIB  # now it holds a pipeline ...
+    nvml.run(HOST_PID_OF_SIDECAR, 10 * GIB + 400 * 1024**2)  # ... which NVML shows under a host PID
+    with caplog.at_level(logging.INFO, logger="sidecar.slots"):
+        assert probe.is_open(1.0)
+    assert f"process {HOST_PID_OF_SIDECAR} is sidecar itself" in caplog.text
+    nvml.run(HOST_PID_OF_TRAINER, 20 * GIB)  # the trainer starts: the slot closes
+    assert not probe.is_open(2.0)
+    assert str(HOST_PID_OF_TRAINER) in probe.describe()
+    reserved["bytes"] = 0  # parked: only the CUDA context is left
+    nvml.free[0] += 10 * GIB
+    nvml.stop(HOST_PID_OF_TRAINER)
+    assert probe.is_open(3.0)  # reopens: sidecar's own context is not foreign
+
+
+def test_without_a_cuda_context_nothing_is_learnt(nvml):
+    probe = _container_probe(nvml, {"bytes": None})
+    nvml.run(HOST_PID_OF_TRAINER, 400 * 1024**2)  # a trainer just starting, context-sized
+    assert not probe.is_open(0.0)
+    assert HOST_PID_OF_TRAINER not in probe.own_pids
+
+
+def test_two_processes_that_could_be_sidecar_are_both_foreign(nvml):
+    probe = _container_probe(nvml, {"bytes": 0})
+    nvml.run(HOST_PID_OF_SIDECAR, 500 * 1024**2)
+    nvml.run(HOST_PID_OF_TRAINER, 600 * 1024**2)
+    assert not probe.is_open(0.0)
+    assert probe.own_pids == {OWN_PID}  # ambiguous: never guessed
+
+
+def test_a_visible_process_is_never_taken_for_sidecar(nvml):
+    probe = NvmlProbe(
+        0,
+        required_free_bytes=None,
+        dwell_seconds=0.0,
+        nvml=nvml,
+        own_pids=[OWN_PID],
+        own_usage=lambda: 0,
+        visible=lambda pid: True,  # the trainer in the same PID namespace
+    )
+    nvml.run(TRAINER_PID, 500 * 1024**2)
+    assert not probe.is_open(0.0)
+
+
+def test_namespace_pids_reads_every_level_of_nspid(tmp_path):
+    from sidecar.render.nvml import namespace_pids
+
+    status = tmp_path / "status"
+    status.write_text("Name:\tpython\nNSpid:\t987654\t42\n")
+    assert {987654, 42, os.getpid()} <= namespace_pids(str(status))
+    assert namespace_pids(str(tmp_path / "missing")) == {os.getpid()}
