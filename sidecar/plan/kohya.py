@@ -39,7 +39,7 @@ from sidecar.plan.config import TrainerConfig, resolve_relative
 from sidecar.plan.detect import detect_model_arch
 from sidecar.plan.files import Locator, read_toml
 from sidecar.plan.models import ModelConfig, SampleConfig
-from sidecar.plan.native import Value, checked, find_beside, prompt_file, unused
+from sidecar.plan.native import Value, checked, find_beside, prompt_file, unread, unused
 from sidecar.plan.request import Cadence
 from sidecar.samplers import trainer_sampler
 from sidecar.settings import Settings
@@ -83,6 +83,12 @@ _SD_SCRIPTS_DEFAULTS: dict[Arch, tuple[int, int, float]] = {
 _MUSUBI_DEFAULTS: dict[Arch, tuple[int, int, float]] = {"flux": (256, 20, 2.5)}
 KOHYA_DEFAULT_SAMPLER = "ddim"  # `--sample_sampler` default
 
+# Keys sidecar reads (the rest are training settings, listed at `-v` by `unread`).
+_READ = frozenset(
+    {"pretrained_model_name_or_path", "vae", "ae", "clip_l", "clip_g", "t5xxl", "network_module"}
+    | {"dit", "text_encoder1", "text_encoder2", "output_dir", "output_name"}
+    | {"sample_prompts", "sample_sampler", "sample_every_n_steps", "sample_every_n_epochs"}
+)
 # Keys that change how the trainer samples but that sidecar cannot follow: said at `-v`.
 _UNUSED: dict[str, str] = {
     "sample_at_first": "sidecar renders checkpoints; `sidecar render --baseline` renders the base model",
@@ -245,6 +251,7 @@ def read_kohya_config(path: Path) -> TrainerConfig:
     for key, why in _UNUSED.items():
         if key in flat and flat[key].value not in (None, False, 0):
             unused(locator, flat[key].path, why)
+    unread(locator, flat, _READ | set(_UNUSED))
     sample = SampleConfig(
         sampler=_sampler(flat, arch, musubi, locator),
         sample_every=every_steps,

@@ -10,7 +10,7 @@ field names, which the user never wrote.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -58,6 +58,15 @@ def validated(model: type[ModelT], values: Mapping[str, Value], locator: Locator
 def unused(locator: Locator, path: str, why: str) -> None:
     """Say once, at debug level (`-v`), that a trainer setting has no meaning for sidecar."""
     logger.debug("%s not used by sidecar: %s", locator.where(path), why)
+
+
+def unread(locator: Locator, keys: Iterable[str], read: Iterable[str]) -> None:
+    """Say at debug level (`-v`), in one line, which of a trainer's settings sidecar does not
+    read: training settings with no meaning for sample images."""
+    others = sorted(set(keys) - set(read))
+    if others:
+        where = locator.where("")
+        logger.debug("%s settings not used by sidecar (training only): %s", where, ", ".join(others))
 
 
 def find_beside(value: str, config_dir: Path) -> Path | None:

@@ -29,7 +29,7 @@ from sidecar.errors import SamplerError
 from sidecar.plan.config import TrainerConfig, resolve_relative
 from sidecar.plan.files import Locator, pointer, read_json
 from sidecar.plan.models import ModelConfig, PromptItem, SampleConfig
-from sidecar.plan.native import Value, checked, find_beside, prompt_file, unused, validated
+from sidecar.plan.native import Value, checked, find_beside, prompt_file, unread, unused, validated
 from sidecar.plan.prompts import Origin, Source
 from sidecar.plan.request import Cadence
 from sidecar.samplers import trainer_sampler
@@ -83,6 +83,15 @@ _SAMPLE_KEYS = frozenset(
 # Keys only a OneTrainer sample has (kohya's `.json` prompt mappings share `negative_prompt`).
 ONETRAINER_SAMPLE_MARKERS = frozenset(
     {"diffusion_steps", "noise_scheduler", "random_seed", "enabled", "__version"}
+)
+
+
+# Config keys sidecar reads (the rest are training settings, listed at `-v` by `unread`).
+_READ = frozenset(
+    {"__version", "model_type", "training_method", "base_model_name", "workspace_dir", "vae"}
+    | {"output_model_destination", "sample_definition_file_name", "samples", "sample_after"}
+    | {"sample_after_unit", "sample_skip_first", "sample_image_format", "samples_to_tensorboard"}
+    | {"lora_model_name"}
 )
 
 
@@ -234,6 +243,7 @@ def read_onetrainer_config(path: Path) -> TrainerConfig:
             data.get("training_method"),
         )
     every, cadence = _cadence(data, locator)
+    unread(locator, data, _READ)
     image_format = str(data.get("sample_image_format", "JPG")).lower()
     for key, why in (
         ("samples_to_tensorboard", "pass --tensorboard DIR to sidecar"),

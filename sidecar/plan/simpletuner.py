@@ -41,7 +41,7 @@ from sidecar.errors import SamplerError
 from sidecar.plan.config import TrainerConfig, resolve_relative
 from sidecar.plan.files import Locator, YamlLocator, pointer, read_json, read_text, read_toml
 from sidecar.plan.models import ModelConfig, PromptItem, SampleConfig
-from sidecar.plan.native import Value, checked, find_beside, prompt_file, unused, validated
+from sidecar.plan.native import Value, checked, find_beside, prompt_file, unread, unused, validated
 from sidecar.plan.prompts import Origin, Source
 from sidecar.plan.request import Cadence
 from sidecar.samplers import trainer_sampler
@@ -111,6 +111,19 @@ ENV_ARGS = {
     "VALIDATION_NEGATIVE_PROMPT": "validation_negative_prompt",
 }
 EXTRA_ARGS = "TRAINER_EXTRA_ARGS"
+ALIASES = {"validation_steps": "validation_step_interval"}  # cli_utils legacy handlers
+# Arguments sidecar reads (the rest are training settings, listed at `-v` by `unread`).
+_READ = frozenset(
+    {"model_family", "model_flavour", "model_type", "lora_type", "pretrained_model_name_or_path"}
+    | {"pretrained_vae_model_name_or_path", "output_dir", "seed", "user_prompt_library"}
+    | {"validation_seed", "validation_prompt", "validation_negative_prompt", "validation_guidance"}
+    | {"validation_guidance_real", "validation_num_inference_steps", "validation_resolution"}
+    | {"validation_randomize", "validation_step_interval", "validation_epoch_interval"}
+    | {"validate_after_step", "validate_after_epoch", "validation_noise_scheduler"}
+    | {"validation_disable_unconditional", "validation_lycoris_strength", "validation_adapter_strength"}
+    | {"validation_image_format", "validation_num_video_frames", "validation_prompt_library"}
+    | {"validation_disable", "num_validation_images"}
+)
 _UNUSED = {
     "validation_guidance_rescale": "sidecar renders without guidance rescale",
     "validation_guidance_skip_layers": "sidecar renders without skip-layer guidance",
@@ -121,7 +134,8 @@ _UNUSED = {
 
 
 def _arg_name(key: str) -> str:
-    return key.strip().lstrip("-").replace("-", "_")
+    name = key.strip().lstrip("-").replace("-", "_")
+    return ALIASES.get(name, name)
 
 
 def is_simpletuner_args(data: object) -> bool:
@@ -310,6 +324,7 @@ def read_simpletuner_config(path: Path) -> TrainerConfig:
             locator.where(args["model_type"].path),
         )
     _notes(args, locator)
+    unread(locator, args, _READ | set(_UNUSED))
     scheduler = _given(args, "validation_noise_scheduler")
     sampler = DEFAULT_SAMPLERS[arch]
     if scheduler is not None:

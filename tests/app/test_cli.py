@@ -13,6 +13,17 @@ from factories import FIXTURES
 from sidecar.cli import EXIT_BAD_INPUT, EXIT_OK, LOG_HANDLER_NAME, main
 
 FIXTURE_CONFIGS = sorted(FIXTURES.glob("*.yaml"))
+# Every trainer's own config (one folder per trainer); its prompt files are read through them.
+TRAINER_CONFIGS = sorted(
+    [
+        *FIXTURES.glob("aitoolkit/*.yaml"),
+        *(path for path in FIXTURES.glob("kohya/*.toml") if "prompts" not in path.name),
+        FIXTURES / "musubi" / "kontext.toml",
+        *FIXTURES.glob("onetrainer/configs/*.json"),
+        *FIXTURES.glob("onetrainer/workspace/*/config/*.json"),
+        *FIXTURES.glob("simpletuner/config/**/config.*"),
+    ]
+)
 
 
 @pytest.fixture(autouse=True)
@@ -33,6 +44,61 @@ def test_check_prints_the_plan_of_every_fixture_config(config, capsys):
     out = capsys.readouterr().out
     assert "architecture" in out and "sample(s):" in out
     assert any(label in out for label in ("Stable Diffusion XL", "Stable Diffusion 3.5", "Flux.1"))
+
+
+@pytest.mark.parametrize(
+    "config", TRAINER_CONFIGS, ids=[str(path.relative_to(FIXTURES)) for path in TRAINER_CONFIGS]
+)
+def test_check_prints_the_plan_of_every_trainers_config(config, capsys):
+    assert main(["check", str(config)]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "trainer" in out and "sample(s):" in out
+
+
+def test_check_finds_the_config_in_a_run_folder(capsys):
+    run = FIXTURES / "onetrainer" / "workspace" / "flux-run"
+    assert main(["check", str(run)]) == EXIT_OK
+    captured = capsys.readouterr()
+    assert "trainer       OneTrainer" in captured.out
+    assert (
+        f"using {(run / 'config' / '2026-08-01_12-00-00.json').resolve()}, the OneTrainer config"
+        in captured.err
+    )
+
+
+@pytest.mark.parametrize(
+    "prompts",
+    [
+        "kohya/sdxl_prompts.txt",
+        "kohya/flux_prompts.toml",
+        "kohya/sd3_prompts.json",
+        "onetrainer/training_samples/samples.json",
+        "simpletuner/config/user_prompt_library.json",
+    ],
+)
+def test_prompts_accepts_every_trainers_prompt_file(prompts, capsys):
+    assert main(["check", str(FIXTURES / "eri_flux.yaml"), "--prompts", str(FIXTURES / prompts)]) == EXIT_OK
+    assert "sample(s):" in capsys.readouterr().out
+
+
+def test_a_prompt_file_given_as_the_config_says_so(capsys):
+    assert main(["check", str(FIXTURES / "onetrainer/training_samples/samples.json")]) == EXIT_BAD_INPUT
+    assert "a prompt file goes with --prompts" in capsys.readouterr().err
+
+
+def test_watch_without_a_config_lists_where_it_looked(tmp_path, capsys):
+    assert main(["watch", str(tmp_path), "--once"]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert f"no trainer config found for {tmp_path}; looked at:" in err
+    assert f"{tmp_path / 'config.yaml'} (ai-toolkit)" in err
+    assert "--config CONFIG" in err
+
+
+def test_render_without_a_config_looks_in_the_checkpoints_run_folder(tmp_path, capsys):
+    checkpoint = tmp_path / "my_lora_000000300.safetensors"
+    checkpoint.write_bytes(b"")
+    assert main(["render", str(checkpoint)]) == EXIT_BAD_INPUT
+    assert f"no trainer config found for {tmp_path}" in capsys.readouterr().err
 
 
 def test_check_with_a_kohya_prompt_file(capsys):

@@ -16,9 +16,11 @@ from sidecar.arch import ARCH_SPECS, arch_spec
 from sidecar.errors import SamplerError
 from sidecar.samplers import (
     SAMPLERS_BY_ARCH,
+    TRAINER_SAMPLERS,
     normalize_sampler_name,
     sampler_names,
     sampler_spec,
+    trainer_sampler,
     validate_sampler,
 )
 
@@ -35,12 +37,12 @@ SPELLINGS = [
     ("sdxl", "dpm_2_a", "dpm_2_a"),
     ("sdxl", "dpmsolver", "dpmsolver"),
     ("sdxl", "dpmsingle", "dpmsingle"),
+    # ai-toolkit (its `k_` names are Karras; kohya's meaning is `KOHYA_SAMPLERS`, tested below)
     ("sdxl", "k_lms", "lms_karras"),
     ("sdxl", "k_euler", "euler_karras"),
     ("sdxl", "k_euler_a", "euler_a"),
     ("sdxl", "k_dpm_2", "dpm_2_karras"),
     ("sdxl", "k_dpm_2_a", "dpm_2_a_karras"),
-    # ai-toolkit
     ("sdxl", "ddpm", "ddpm"),
     ("sdxl", "dpmsolver++", "dpmpp_2m"),
     ("sdxl", "k_dpmsolver++", "dpmpp_2m_karras"),
@@ -256,3 +258,51 @@ def test_missing_optional_dependency_is_named(monkeypatch):
     assert "lms" not in sampler_names("sdxl") and "lms_karras" not in sampler_names("sdxl")
     with pytest.raises(SamplerError, match=r"needs scipy, which is not installed \(`pip install scipy`\)"):
         validate_sampler("sdxl", "k_lms")
+
+
+# ------------------------------------------------------------------ trainers' own names
+
+
+@pytest.mark.parametrize(
+    ("written", "canonical"),
+    [
+        ("k_euler", "euler"),
+        ("k_euler_a", "euler_a"),
+        ("k_lms", "lms"),
+        ("k_dpm_2", "dpm_2"),
+        ("k_dpm_2_a", "dpm_2_a"),
+    ],
+)
+def test_kohya_k_names_are_the_plain_samplers(written: str, canonical: str) -> None:
+    """sd-scripts `get_my_scheduler` builds the same scheduler for `k_euler` as for `euler`."""
+    assert trainer_sampler("kohya", written) == canonical
+    assert SAMPLERS_BY_ARCH["sdxl"][canonical].schedule_type is None  # no Karras sigmas
+
+
+@pytest.mark.parametrize(
+    ("trainer", "written", "canonical"),
+    [
+        ("kohya", "dpmsolver++", "dpmpp_2m"),
+        ("onetrainer", "EULER_A", "euler_a"),
+        ("onetrainer", "dpmpp", "dpmpp_2m"),
+        ("onetrainer", "DPMPP_SDE_KARRAS", "dpmpp_2m_sde_karras"),
+        ("onetrainer", "UNIPC_KARRAS", "unipc_karras"),
+        ("simpletuner", "euler-a", "euler_a"),
+        ("simpletuner", "dpm++", "dpmpp_2m"),
+        ("simpletuner", "flow_matching", "flowmatch"),
+        ("simpletuner", "flow_unipc", "unipc"),
+    ],
+)
+def test_trainer_names_map_to_ours(trainer: str, written: str, canonical: str) -> None:
+    assert trainer_sampler(trainer, written) == canonical
+
+
+@pytest.mark.parametrize("trainer", sorted(TRAINER_SAMPLERS))
+def test_every_trainer_name_maps_to_a_sampler_of_some_architecture(trainer: str) -> None:
+    known = {name for table in SAMPLERS_BY_ARCH.values() for name in table}
+    assert set(TRAINER_SAMPLERS[trainer].values()) <= known
+
+
+def test_unknown_trainer_names_list_that_trainers_names() -> None:
+    with pytest.raises(SamplerError, match=r"'k_dpmpp' is not a kohya sampler name; kohya names: ddim, ddpm"):
+        trainer_sampler("kohya", "k_dpmpp")
