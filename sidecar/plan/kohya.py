@@ -39,10 +39,9 @@ from sidecar.plan.config import TrainerConfig, resolve_relative
 from sidecar.plan.detect import detect_model_arch
 from sidecar.plan.files import Locator, read_toml
 from sidecar.plan.models import ModelConfig, SampleConfig
-from sidecar.plan.native import Value, checked, find_beside, prompt_file, unread, unused
+from sidecar.plan.native import Value, checked, find_beside, prompt_file, trainer_config, unread, unused
 from sidecar.plan.request import Cadence
 from sidecar.samplers import trainer_sampler
-from sidecar.settings import Settings
 from sidecar.values import as_bool, as_text, show
 
 logger = logging.getLogger("sidecar.plan")
@@ -272,24 +271,18 @@ def read_kohya_config(path: Path) -> TrainerConfig:
     output_dir = flat.get("output_dir")
     if "sample_at_first" in flat:
         checked(flat["sample_at_first"], as_bool, locator)
-    return TrainerConfig(
-        path=path.resolve(),
+    return trainer_config(
+        path,
         name=name,
-        training_folder=None,
-        trigger_word=None,
         arch=arch,
         model=_model(flat, musubi, locator, base, arch),
         sample=sample,
-        sidecar=Settings(),
-        process_index=None,
-        yaml_prefix="",
         locator=locator,
         trainer=trainer,
         output_dir=_output_dir(output_dir, base, locator),
         prompts_file=prompt_file(prompts, base, locator),
         dialect="musubi" if musubi else "kohya",
         cadence=cadence,
-        expands_prompts=False,
         native={
             "sample": (locator, prompts.path),
             "sample.sampler": (

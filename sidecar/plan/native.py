@@ -17,8 +17,9 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from sidecar.errors import ConfigError
+from sidecar.plan.config import TrainerConfig
 from sidecar.plan.files import Locator
+from sidecar.settings import Settings
 from sidecar.values import describe_error
 
 logger = logging.getLogger("sidecar.plan")
@@ -96,5 +97,16 @@ def prompt_file(value: Value, config_dir: Path, locator: Locator) -> Path:
     return found
 
 
-def config_error(path: Path, message: str) -> ConfigError:
-    return ConfigError(message, file=str(path))
+def trainer_config(path: Path, **fields: Any) -> TrainerConfig:
+    """A `TrainerConfig` read from a trainer other than ai-toolkit: no processes, no trigger word,
+    no `sidecar:` section (sidecar's settings come from the command line), prompts as written."""
+    return TrainerConfig(
+        path=path.resolve(),
+        training_folder=None,
+        trigger_word=None,
+        sidecar=Settings(),
+        process_index=None,
+        yaml_prefix="",
+        expands_prompts=False,
+        **fields,
+    )

@@ -29,11 +29,19 @@ from sidecar.errors import SamplerError
 from sidecar.plan.config import TrainerConfig, resolve_relative
 from sidecar.plan.files import Locator, pointer, read_json
 from sidecar.plan.models import ModelConfig, PromptItem, SampleConfig
-from sidecar.plan.native import Value, checked, find_beside, prompt_file, unread, unused, validated
+from sidecar.plan.native import (
+    Value,
+    checked,
+    find_beside,
+    prompt_file,
+    trainer_config,
+    unread,
+    unused,
+    validated,
+)
 from sidecar.plan.prompts import Origin, Source
 from sidecar.plan.request import Cadence
 from sidecar.samplers import trainer_sampler
-from sidecar.settings import Settings
 from sidecar.values import as_bool, as_number, as_text, choice
 
 logger = logging.getLogger("sidecar.plan")
@@ -271,26 +279,20 @@ def read_onetrainer_config(path: Path) -> TrainerConfig:
     else:
         raise locator.error("/samples", "must be a list of samples or null")
     workspace = data.get("workspace_dir", "workspace/run")
-    config = TrainerConfig(
-        path=path.resolve(),
+    config = trainer_config(
+        path,
         name=Path(str(data.get("output_model_destination", "model"))).stem,
-        training_folder=None,
-        trigger_word=None,
         arch=arch,
         model=ModelConfig.model_validate(model),
         sample=SampleConfig(
             sample_every=every, format="png" if image_format == "png" else "jpg", seed=DEFAULT_SEED
         ),
-        sidecar=Settings(),
-        process_index=None,
-        yaml_prefix="",
         locator=locator,
         trainer=ONETRAINER,
         output_dir=find_beside(str(workspace), base) or Path(str(workspace)),
         prompts_file=prompts,
         dialect="aitoolkit",
         cadence=cadence,
-        expands_prompts=False,
         native={"sample": (locator, "/samples" if inline is not None else "/sample_definition_file_name")},
     )
     return config

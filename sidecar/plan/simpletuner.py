@@ -41,11 +41,19 @@ from sidecar.errors import SamplerError
 from sidecar.plan.config import TrainerConfig, resolve_relative
 from sidecar.plan.files import Locator, YamlLocator, pointer, read_json, read_text, read_toml
 from sidecar.plan.models import ModelConfig, PromptItem, SampleConfig
-from sidecar.plan.native import Value, checked, find_beside, prompt_file, unread, unused, validated
+from sidecar.plan.native import (
+    Value,
+    checked,
+    find_beside,
+    prompt_file,
+    trainer_config,
+    unread,
+    unused,
+    validated,
+)
 from sidecar.plan.prompts import Origin, Source
 from sidecar.plan.request import Cadence
 from sidecar.samplers import trainer_sampler
-from sidecar.settings import Settings
 from sidecar.values import (
     as_bool,
     as_non_negative_int,
@@ -368,23 +376,17 @@ def read_simpletuner_config(path: Path) -> TrainerConfig:
         locator,
         args.get("validation_disable_unconditional", Value(0, "")).path,
     )
-    return TrainerConfig(
-        path=path.resolve(),
+    return trainer_config(
+        path,
         name=Path(str(_value(args, "output_dir", as_text, locator))).name,
-        training_folder=None,
-        trigger_word=None,
         arch=arch,
         model=ModelConfig.model_validate(model),
         sample=sample,
-        sidecar=Settings(),
-        process_index=None,
-        yaml_prefix="",
         locator=locator,
         trainer=SIMPLETUNER,
         output_dir=output or root / str(_value(args, "output_dir", as_text, locator)),
         prompts_file=prompt_file(library, root, locator) if library is not None else None,
         cadence=cadence,
-        expands_prompts=False,
         resolutions=_resolutions(_given(args, "validation_resolution"), locator),
         unconditional=unconditional,
         native=native,
