@@ -164,11 +164,30 @@ def tensorboard_dir_for(
 ) -> Path | None:
     """Where the daemon writes TensorBoard images, or None for nowhere.
 
-    `--tensorboard DIR` (or `sidecar.tensorboard`) wins; without it, samples go beside
-    the trainer's loss curves only when its config names a `log_dir`.
+    `--tensorboard DIR` (or `sidecar.tensorboard`) wins, and needs the `tensorboard` extra
+    (`TensorBoardSink` says so). Without it, samples go beside the trainer's loss curves when
+    its config names a `log_dir` and the extra is installed; without the extra that default
+    is dropped with one warning, and the daemon runs.
     """
     if option is not None:
         return Path(option)
     if log_dir is None:
         return None
+    if not tensorboard_installed():
+        logger.warning(
+            "the trainer logs to TensorBoard (%s), but the `tensorboard` package is not installed: "
+            "samples go to the samples folder only; %s to see them there too",
+            log_dir,
+            INSTALL_HINT,
+        )
+        return None
     return tensorboard_dir(log_dir=log_dir, name=name, samples_dir=samples_dir)
+
+
+def tensorboard_installed() -> bool:
+    """Whether the `tensorboard` package imports (what `TensorBoardSink` will need)."""
+    try:
+        _import_tensorboard()
+    except SidecarError:
+        return False
+    return True

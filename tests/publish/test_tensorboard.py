@@ -187,3 +187,42 @@ def test_a_relative_log_dir_beside_a_flat_config(tmp_path: Path) -> None:
         tensorboard_dir_for(option=None, log_dir=config.log_dir, name=config.name, samples_dir=samples)
         == expected
     )
+
+
+def test_without_the_extra_the_trainers_log_dir_is_a_warning_not_a_failure(
+    tmp_path: Path, monkeypatch, caplog
+) -> None:
+    """A config naming `log_dir` must not stop the daemon when `tensorboard` is not installed."""
+    monkeypatch.setitem(sys.modules, "tensorboard.summary.writer.event_file_writer", None)
+    samples = tmp_path / "samples"
+    with caplog.at_level("WARNING", logger="sidecar.publish"):
+        got = tensorboard_dir_for(option=None, log_dir=tmp_path / "logs", name="run", samples_dir=samples)
+    assert got is None
+    assert [r.message.count("not installed") for r in caplog.records] == [1]
+    assert "pip install 'sidecar[tensorboard]'" in caplog.text
+    # Asked for by name, it is still needed: the sink says what to install.
+    option = tmp_path / "tb"
+    assert tensorboard_dir_for(option=option, log_dir=None, name="run", samples_dir=samples) == option
+
+
+def test_the_daemon_runs_without_the_extra_when_the_trainer_logs(
+    tmp_path: Path, monkeypatch, tiny_sdxl
+) -> None:
+    from sidecar.app.watch import WatchRequest, run_watch
+
+    monkeypatch.setitem(sys.modules, "tensorboard.summary.writer.event_file_writer", None)
+    config = tmp_path / "train.yaml"
+    config.write_text(
+        "job: extension\nconfig:\n  name: run\n  log_dir: logs\n  process:\n    - type: sd_trainer\n"
+        "      model:\n        name_or_path: org/not-loaded\n        arch: sdxl\n"
+        "      sample:\n        prompts: ['a photo']\n        width: 64\n        height: 64\n"
+    )
+
+    class NoRenderer:
+        pass
+
+    request = WatchRequest(
+        output_dir=tmp_path / "out", config_path=config, overrides={"device": "cpu"}, once=True
+    )
+    assert run_watch(request, renderer_factory=NoRenderer) == 0
+    assert not (tmp_path / "logs").exists()
