@@ -241,7 +241,7 @@ def _int_list(value: str) -> list[int]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging(verbose=args.verbose, log_format=args.log_format or "plain")
+    setup_logging(verbose=args.verbose, log_format=args.log_format or _config_log_format(args) or "plain")
     handler = COMMANDS[args.command]
     try:
         return handler(args)
@@ -250,6 +250,21 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         return 130
+
+
+def _config_log_format(args: argparse.Namespace) -> str | None:
+    """`sidecar.log_format` of the config the command reads, so the config takes effect
+    before the first line is logged; None when there is none or it does not load (the
+    command then reports why, in plain lines)."""
+    path = getattr(args, "config", None) or getattr(args, "config_file", None)
+    if path is None or not Path(path).is_file():
+        return None
+    try:
+        from sidecar.plan.config import load_trainer_config
+
+        return load_trainer_config(Path(path), process=_process(getattr(args, "process", None))).sidecar.log_format
+    except Exception:  # the command loads it again and reports the error
+        return None
 
 
 def _process(value: str | None) -> int | str | None:

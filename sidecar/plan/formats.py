@@ -32,7 +32,7 @@ def _refuse_process(path: Path, process: int | str | None) -> None:
 
 def read_trainer_config(path: Path, *, process: int | str | None = None) -> TrainerConfig:
     """The `TrainerConfig` of any supported trainer's config file; raises a located ConfigError."""
-    from sidecar.plan import aitoolkit, kohya, onetrainer, simpletuner
+    from sidecar.plan import aitoolkit, kohya, onetrainer, simpletuner, simpletuner_files
 
     suffix = path.suffix.lower()
     is_env = suffix == ENV_SUFFIX or path.name.endswith(ENV_SUFFIX)  # `config.env`, `.env`
@@ -43,7 +43,7 @@ def read_trainer_config(path: Path, *, process: int | str | None = None) -> Trai
         return simpletuner.read_simpletuner_config(path)
     if suffix == ".toml":
         data, locator = read_toml(path)
-        if simpletuner.is_simpletuner_args(data):
+        if simpletuner_files.is_simpletuner_args(data):
             return simpletuner.read_simpletuner_config(path)
         if kohya.is_kohya_toml(data):
             return kohya.read_kohya_config(path)
@@ -55,7 +55,7 @@ def read_trainer_config(path: Path, *, process: int | str | None = None) -> Trai
     data, json_locator = read_json(path)
     if onetrainer.is_onetrainer_config(data):
         return onetrainer.read_onetrainer_config(path)
-    if simpletuner.is_simpletuner_args(data):
+    if simpletuner_files.is_simpletuner_args(data):
         return simpletuner.read_simpletuner_config(path)
     if isinstance(data, (list, dict)) and data:
         raise json_locator.error(
