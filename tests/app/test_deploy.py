@@ -110,6 +110,64 @@ def test_systemd_analyze_verify(tmp_path):
     assert result.stderr.strip() == "", result.stderr  # unknown keys and bad values only warn
 
 
+MAX_EXPOSURE = 3.0  # `systemd-analyze security`: 2.7 as shipped (deploy/README.md)
+
+
+def _service_lines() -> dict[str, list[str]]:
+    """Every `Key=value` of the unit's [Service], with repeated keys kept (configparser keeps the last)."""
+    found: dict[str, list[str]] = {}
+    section = ""
+    for line in UNIT.read_text().splitlines():
+        line = line.strip()
+        if line.startswith("["):
+            section = line
+        elif section == "[Service]" and "=" in line and not line.startswith("#"):
+            key, value = line.split("=", 1)
+            found.setdefault(key, []).append(value)
+    return found
+
+
+def test_the_unit_runs_confined_as_an_unprivileged_user():
+    service = _service_lines()
+    assert service["User"][0] not in ("", "root", "0") or service.get("DynamicUser") == ["yes"]
+    for key, value in {
+        "NoNewPrivileges": "yes",
+        "ProtectSystem": "strict",
+        "PrivateTmp": "yes",
+        "ProtectHome": "read-only",
+        "CapabilityBoundingSet": "",
+    }.items():
+        assert service.get(key) == [value], f"{key}= should be {value!r}, got {service.get(key)}"
+    assert "PrivateDevices" not in service  # it would hide /dev/nvidia*
+
+
+def test_the_units_writable_paths_cover_the_env_examples_output_folder():
+    """`ReadWritePaths=` cannot read the env file; as shipped it names the example job's folder."""
+    env, _ = _env_file(ENV_EXAMPLE)
+    instance = "myjob"
+    writable = [Path(p.replace("%i", instance)) for p in _service_lines()["ReadWritePaths"][0].split()]
+    output = Path(env["OUTPUT_DIR"])
+    assert any(output == path or path in output.parents for path in writable), (writable, output)
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
+def test_systemd_analyze_security_rates_the_unit_ok(tmp_path):
+    binary = shlex.split(_ini(UNIT)["Service"]["ExecStart"])[0]
+    unit = tmp_path / "sidecar@myjob.service"
+    unit.write_text(UNIT.read_text().replace(binary, shutil.which("true") or "/bin/true"))
+    result = subprocess.run(
+        ["systemd-analyze", "security", "--offline=true", str(unit)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    found = re.search(r"Overall exposure level for \S+: ([\d.]+)", result.stdout)
+    if found is None:  # systemd older than 250 has no --offline
+        pytest.skip(f"systemd-analyze security cannot rate a unit file here: {result.stderr.strip()[:200]}")
+    assert float(found.group(1)) <= MAX_EXPOSURE, result.stdout
+
+
 def test_env_example_defines_every_variable_the_unit_uses():
     service = _ini(UNIT)["Service"]
     used = {
@@ -145,6 +203,12 @@ def _supervisor_commands() -> list[str]:
     return [pytest.param(p["command"], id=p.name) for p in programs] + [
         pytest.param(command, id=f"alternative-{n}") for n, command in enumerate(alternatives, 1)
     ]
+
+
+def test_supervisor_runs_the_program_as_an_unprivileged_user():
+    conf = _ini(SUPERVISOR)
+    for section in (s for s in conf.sections() if s.startswith("program:")):
+        assert conf[section].get("user", "root") not in ("root", "0"), section
 
 
 @pytest.mark.parametrize("command", _supervisor_commands())
