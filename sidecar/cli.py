@@ -262,7 +262,9 @@ def _config_log_format(args: argparse.Namespace) -> str | None:
     try:
         from sidecar.plan.config import load_trainer_config
 
-        return load_trainer_config(Path(path), process=_process(getattr(args, "process", None))).sidecar.log_format
+        return load_trainer_config(
+            Path(path), process=_process(getattr(args, "process", None))
+        ).sidecar.log_format
     except Exception:  # the command loads it again and reports the error
         return None
 

@@ -196,7 +196,8 @@ class Renderer(ABC):
                 placement = self.placement
                 if not is_cuda_oom(error) or placement is None:
                     raise
-                placement.step_down(self.pipe, phase="rendering", error=error)
+                placement.step_down(phase="rendering", error=error)
+                placement.run(self.pipe, lambda: None, phase="rendering", place_first=True)
 
     def render(
         self, requests: Sequence[SampleRequest], *, batch_size: int = 1

@@ -83,11 +83,13 @@ class OutOfMemoryError(SidecarError):
     """CUDA ran out of memory in the leanest mode: the step fails, with the plan's figures."""
 
 
-def plan_pipeline(pipe: Any, *, quantize: str | None = None, low_vram: bool = False) -> MemoryPlan | None:
+def plan_pipeline(
+    pipe: Any, *, quantize: str | None = None, low_vram: bool = False, **options: Any
+) -> MemoryPlan | None:
     """The memory plan of a loaded pipeline, from its modules' names, shapes and dtypes.
 
-    The same arithmetic as `sidecar check` on the files' headers; None for a pipeline of
-    an architecture sidecar does not know (a test double).
+    The same arithmetic as `sidecar check` on the files' headers (`options`: those of
+    `plan_from_tensors`); None for a pipeline of an architecture sidecar does not know.
     """
     arch = arch_from_pipeline_class(type(pipe).__name__)
     if arch is None:
@@ -108,7 +110,7 @@ def plan_pipeline(pipe: Any, *, quantize: str | None = None, low_vram: bool = Fa
         found[name] = (tensors, f"loaded {type(module).__name__}")
     backbone = next(name for name, role in COMPONENTS[arch].items() if role == "backbone")
     dtype = _RUN_DTYPES.get(getattr(modules.get(backbone), "dtype", None), "fp32")
-    return plan_from_tensors(arch, found, dtype=dtype, quantize=quantize, low_vram=low_vram)
+    return plan_from_tensors(arch, found, dtype=dtype, quantize=quantize, low_vram=low_vram, **options)
 
 
 def plan_for_card(plan: MemoryPlan, device: torch.device) -> MemoryPlan:
@@ -320,7 +322,7 @@ class Placement:
             mode, encoders_on_cpu = plan.chosen.mode, plan.chosen.encoders_on_cpu  # type: ignore[union-attr]
             logger.info("offload=auto on %s: %s", device, plan.reason)
         placement = cls(device, MemoryPolicy(mode), plan, encoder_names, encoders_on_cpu)
-        placement.run(pipe, lambda: placement.apply(pipe), phase="loading")
+        placement.run(pipe, lambda: None, phase="loading", place_first=True)
         return placement
 
     @property
@@ -348,21 +350,28 @@ class Placement:
             for name in self.held:
                 setattr(pipe, name, None)
 
-    def run(self, pipe: Any, action: Callable[[], T], *, phase: str) -> T:
+    def run(self, pipe: Any, action: Callable[[], T], *, phase: str, place_first: bool = False) -> T:
         """`action()`, stepping to a stronger memory mode and again after each CUDA OOM.
 
-        With no stronger mode left it raises `OutOfMemoryError` with the plan's figures.
+        `place_first` (re)places the pipeline before the first try; an OOM while placing
+        steps down too. With no stronger mode left it raises `OutOfMemoryError` with the
+        plan's figures.
         """
+        place = place_first
         while True:
             try:
+                if place:
+                    self.apply(pipe)
+                    place = False
                 return action()
             except Exception as error:
                 if not is_cuda_oom(error):
                     raise
-                self.step_down(pipe, phase=phase, error=error)
+                self.step_down(phase=phase, error=error)
+                place = True
 
-    def step_down(self, pipe: Any, *, phase: str = "rendering", error: BaseException | None = None) -> None:
-        """After a CUDA OOM: free the cache and re-place the pipeline in the next stronger mode.
+    def step_down(self, *, phase: str = "rendering", error: BaseException | None = None) -> None:
+        """After a CUDA OOM: free the cache and take the next stronger mode (placed by `run`).
 
         After `sequential`, the text encoders move to the CPU for good; after that there is
         nothing left and it raises `OutOfMemoryError` naming the plan's estimates.
@@ -373,7 +382,6 @@ class Placement:
                 raise OutOfMemoryError(self.failure_message(phase, error)) from error
             logger.warning("CUDA out of memory with offload=sequential; text encoders now wait on the CPU")
             self.encoders_on_cpu = True
-        self.apply(pipe)
 
     def failure_message(self, phase: str, error: BaseException | None) -> str:
         where = ", text encoders on the CPU" if self.encoders_on_cpu else ""

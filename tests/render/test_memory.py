@@ -171,3 +171,57 @@ def test_modes_render_on_cuda_and_park_frees_vram(mode):
     park(pipe, device)
     assert allocated_bytes(device) <= before
     assert _devices_of(pipe) == {"cpu"}
+
+
+# --- the plan on a (faked) card: text encoders on the CPU, low_vram ---------------
+
+
+@pytest.fixture
+def fake_card(monkeypatch):
+    """cuda:0 with `free` bytes: placements recorded, not applied (this machine has no CUDA)."""
+    placed: list[str] = []
+    card = {"free": 80 * GIB}
+    monkeypatch.setattr(memory, "_place", lambda pipe, mode, device: placed.append(mode))
+    monkeypatch.setattr(memory, "free_cuda_cache", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (card["free"], 80 * GIB))
+    return card, placed
+
+
+def test_auto_keeps_the_text_encoders_on_the_cpu_when_only_that_fits(tiny_models, fake_card, monkeypatch):
+    from diffusers_reference import render_one, sample
+
+    from sidecar.render.registry import renderer_class
+
+    card, placed = fake_card
+    renderer = renderer_class("flux").from_model(tiny_models["flux"])
+    reference = render_one(renderer_class("flux").from_model(tiny_models["flux"]), sample("flux"))
+    plan = plan_pipeline(renderer.pipe, pixels=64 * 64)  # the tiny encoders matter beside 64 px activations
+    with_encoders = memory_plan.needed_bytes(plan.estimate("none"))
+    without = memory_plan.needed_bytes(plan.estimate("none", encoders_on_cpu=True))
+    assert without < with_encoders
+    card["free"] = without
+    names = tuple(renderer.text_encoder_keys.values())
+    renderer.placement = memory.Placement.place(
+        renderer.pipe, "auto", torch.device("cuda", 0), plan=plan, encoder_names=names
+    )
+    assert renderer.placement.mode == "none" and renderer.placement.encoders_on_cpu
+    assert renderer.pipe.text_encoder_2 is None  # no offload mode can move it to the card
+    moves: list[str] = []
+    monkeypatch.setattr(renderer, "_move_text_encoders", lambda device: moves.append(device.type))
+    np.testing.assert_array_equal(render_one(renderer, sample("flux")), reference)  # encoded on the CPU
+    assert moves == [] and renderer.encode_device.type == "cpu"
+    assert placed == ["none"]
+
+
+def test_low_vram_places_each_component_only_while_it_runs(tiny_models, fake_card, monkeypatch):
+    """ai-toolkit's `low_vram: true`: big components wait in CPU RAM; never all on the card."""
+    from sidecar.plan.request import ModelSource
+    from sidecar.render import registry
+
+    _card, placed = fake_card
+    monkeypatch.setattr(registry, "resolve_device", lambda device, gpu: torch.device("cuda", 0))
+    monkeypatch.setattr(registry, "resolve_dtype", lambda dtype, device: torch.float32)
+    source = ModelSource(arch="sdxl", name_or_path=str(tiny_models["sdxl"]), low_vram=True)
+    renderer = registry.load_renderer(source, gpu=0)
+    assert renderer.placement.mode == "model" and placed == ["model"]  # 80 GiB free, still model
+    assert "low_vram" in renderer.placement.plan.reason

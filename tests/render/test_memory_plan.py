@@ -237,3 +237,12 @@ def test_meta_shapes_store_tied_weights_once():
 
     shapes = meta_shapes(_t5, __import__("torch").bfloat16)
     assert "shared.weight" in shapes and "encoder.embed_tokens.weight" not in shapes
+
+
+def test_the_configs_log_format_takes_effect_from_the_first_line(tmp_path, capsys):
+    """`sidecar.log_format: json` in the config: the error `check` logs is a JSON line."""
+    config = _config(tmp_path, tmp_path / "nowhere")
+    config.write_text(config.read_text() + "sidecar:\n  log_format: json\n")
+    assert main(["check", str(config), "--vram", "12G"]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert json.loads(lines[-1])["level"] == "error"
