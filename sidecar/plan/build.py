@@ -79,7 +79,14 @@ def _sources(config: TrainerConfig, prompts_file: Path | None) -> list[Source]:
     """The prompts in order: the command line's file wins; else the config's file, then its list."""
     if prompts_file is not None:
         return read_prompt_sources(Path(prompts_file), config)
-    sources = read_prompt_sources(config.prompts_file, config) if config.prompts_file is not None else []
+    named = config.prompts_file
+    if named is not None and not named.is_file():
+        raise config.error(
+            "sample",
+            f"names prompt file {named}, which is not there (nor in a folder above the config); "
+            "fix the path or pass a prompt file with --prompts",
+        )
+    sources = read_prompt_sources(named, config) if named is not None else []
     key = config.sample.prompts_key
     dialect = "aitoolkit" if config.dialect == "aitoolkit" and config.expands_prompts else "plain"
     sources += [
@@ -187,7 +194,8 @@ def build_plan(config: TrainerConfig, *, prompts_file: Path | None = None) -> Sa
         if prompts_file is not None:
             raise ConfigError("has no prompts (every line is blank or a # comment)", file=str(prompts_file))
         raise config.error(
-            f"sample.{sample.prompts_key}", "has no prompts; add at least one to render samples"
+            f"sample.{sample.prompts_key}",
+            "has no prompts; add at least one to render samples, or pass a prompt file with --prompts",
         )
 
     section = Origin(config, subpath="sample")

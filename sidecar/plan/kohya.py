@@ -261,12 +261,6 @@ def read_kohya_config(path: Path) -> TrainerConfig:
         random_seed=True,  # no `--d`: a new seed at every sampling run
     )
     prompts = flat.get("sample_prompts")
-    if prompts is None:
-        raise locator.error(
-            "",
-            "has no `sample_prompts`: the prompt file is what sidecar renders; add it, or pass the file "
-            "with --prompts",
-        )
     name = checked(flat["output_name"], as_text, locator) if "output_name" in flat else KOHYA_DEFAULT_NAME
     output_dir = flat.get("output_dir")
     if "sample_at_first" in flat:
@@ -280,14 +274,11 @@ def read_kohya_config(path: Path) -> TrainerConfig:
         locator=locator,
         trainer=trainer,
         output_dir=_output_dir(output_dir, base, locator),
-        prompts_file=prompt_file(prompts, base, locator),
+        prompts_file=prompt_file(prompts, base, locator) if prompts is not None else None,
         dialect="musubi" if musubi else "kohya",
         cadence=cadence,
         native={
-            "sample": (locator, prompts.path),
-            "sample.sampler": (
-                locator,
-                flat["sample_sampler"].path if "sample_sampler" in flat else prompts.path,
-            ),
+            "sample": (locator, prompts.path if prompts is not None else ""),
+            "sample.sampler": (locator, flat["sample_sampler"].path if "sample_sampler" in flat else ""),
         },
     )

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ValidationError
 from sidecar.plan.config import TrainerConfig
 from sidecar.plan.files import Locator
 from sidecar.settings import Settings
-from sidecar.values import describe_error
+from sidecar.values import as_text, describe_error
 
 logger = logging.getLogger("sidecar.plan")
 
@@ -84,17 +84,13 @@ def find_beside(value: str, config_dir: Path) -> Path | None:
 
 
 def prompt_file(value: Value, config_dir: Path, locator: Locator) -> Path:
-    """The prompt file a config names, or a located error listing where it was looked for."""
-    found = find_beside(str(value.value), config_dir)
-    if found is None:
-        raise locator.error(
-            value.path,
-            f"names prompt file {value.value!r}, which is neither at {config_dir / str(value.value)} "
-            "nor in a folder above it; fix the path or pass the file with --prompts",
-        )
-    if not found.is_file():
-        raise locator.error(value.path, f"names {found}, which is not a file")
-    return found
+    """The prompt file a config names, found beside the config or above it (`find_beside`).
+
+    One found nowhere is returned as it would be beside the config: the plan says so, located
+    at the config's key, only when it needs the file; a `--prompts` file wins without it.
+    """
+    text = checked(value, as_text, locator)
+    return find_beside(text, config_dir) or config_dir / text
 
 
 def trainer_config(path: Path, **fields: Any) -> TrainerConfig:

@@ -212,7 +212,7 @@ def test_prompt_file_is_found_beside_the_config_then_above_it(tmp_path: Path) ->
         ),
         (
             '[s]\nsample_prompts = "missing.txt"\n',
-            ":5 s.sample_prompts: names prompt file 'missing.txt', which is",
+            ":5 s.sample_prompts: names prompt file ",
         ),
     ],
     ids=["sampler", "interval", "prompt-file"],
@@ -226,6 +226,24 @@ def test_bad_values_are_located_at_the_toml_key(tmp_path: Path, toml: str, messa
     with pytest.raises(ConfigError) as caught:
         plan(path)
     assert f"{path}{message}" in str(caught.value)
+
+
+def test_the_command_lines_prompt_file_wins_over_a_missing_one(tmp_path: Path) -> None:
+    """No `sample_prompts`, or one that is not there: `--prompts` still renders."""
+    (tmp_path / "p.txt").write_text("a\n")
+    text = 'pretrained_model_name_or_path = "/m/f.safetensors"\nnetwork_module = "networks.lora_flux"\n'
+    (tmp_path / "c.toml").write_text(text)
+    config = load_trainer_config(tmp_path / "c.toml")
+    with pytest.raises(
+        ConfigError, match=r"c\.toml: has no prompts; .* or pass a prompt file with --prompts"
+    ):
+        build_plan(config)
+    assert len(build_plan(config, prompts_file=tmp_path / "p.txt").requests) == 1
+    (tmp_path / "c.toml").write_text(text + 'sample_prompts = "gone.txt"\n')
+    assert (
+        len(build_plan(load_trainer_config(tmp_path / "c.toml"), prompts_file=tmp_path / "p.txt").requests)
+        == 1
+    )
 
 
 def test_an_architecture_sidecar_does_not_render_names_it(tmp_path: Path) -> None:
