@@ -225,3 +225,29 @@ def test_low_vram_places_each_component_only_while_it_runs(tiny_models, fake_car
     renderer = registry.load_renderer(source, gpu=0)
     assert renderer.placement.mode == "model" and placed == ["model"]  # 80 GiB free, still model
     assert "low_vram" in renderer.placement.plan.reason
+
+
+@pytest.mark.parametrize("mode", ["group"])
+def test_a_lora_applies_and_swaps_under_offload(mode, tiny_models, tiny_lora):
+    """The daemon's order: placed first, then each checkpoint's LoRA (onload device `cpu`
+    stands in for CUDA; the hooks and the LoRA loading through them are the real ones).
+    `model` offload needs an accelerator to re-enable its hooks after a LoRA loads:
+    `bench/gpu_check.sh` applies a LoRA in every mode on a card."""
+    from diffusers_reference import render_one, sample
+
+    from sidecar.render.registry import renderer_class
+
+    first, second = tiny_lora("flux", seed=1), tiny_lora("flux", seed=2)
+    expected = []
+    for lora in (first, second):
+        plain = renderer_class("flux").from_model(tiny_models["flux"])
+        plain.apply_lora(lora)
+        expected.append(render_one(plain, sample("flux")))
+    renderer = renderer_class("flux").from_model(tiny_models["flux"])
+    memory._place(renderer.pipe, mode, torch.device("cpu"))
+    renderer.placement = memory.Placement(device=torch.device("cpu"), policy=MemoryPolicy(mode))
+    for lora, image in zip((first, second), expected, strict=True):
+        report = renderer.apply_lora(lora)
+        assert report.injected_total > 0
+        np.testing.assert_array_equal(render_one(renderer, sample("flux")), image)
+    assert _has_hooks(renderer.pipe)  # still offloaded
