@@ -235,7 +235,7 @@ def test_the_command_lines_prompt_file_wins_over_a_missing_one(tmp_path: Path) -
     (tmp_path / "c.toml").write_text(text)
     config = load_trainer_config(tmp_path / "c.toml")
     with pytest.raises(
-        ConfigError, match=r"c\.toml: has no prompts; .* or pass a prompt file with --prompts"
+        ConfigError, match=r"c\.toml:1: has no prompts; .* or pass a prompt file with --prompts"
     ):
         build_plan(config)
     assert len(build_plan(config, prompts_file=tmp_path / "p.txt").requests) == 1
