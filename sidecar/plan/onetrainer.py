@@ -140,7 +140,7 @@ def sample_item(entry: dict[str, Any], arch: Arch, locator: Locator, where: str)
     size, steps, cfg, scheduler = _SAMPLE_DEFAULTS[arch]
     at = {key: Value(value, f"{where}/{key}") for key, value in entry.items()}
     if "enabled" in at and not checked(at["enabled"], as_bool, locator):
-        unused(locator, where, "`enabled` is false")
+        logger.debug("%s skipped: `enabled` is false, as OneTrainer skips it", locator.where(where))
         return None
     for key, (default, why) in _SAMPLE_UNUSED.items():
         if key in at and at[key].value not in (default, None):
