@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -51,13 +52,14 @@ def render_command(
                 "or `--baseline` for the base model alone"
             )
         folder = _samples_dir(config, settings, None)
-        checkpoint = recorded_checkpoint(folder, step, plan.requests, force=force)
+        checkpoint = recorded_checkpoint(folder, step, plan.requests_for_step(step), force=force)
         if checkpoint is None:
             return 0  # queued for the running daemon
     if baseline:
         step = BASELINE_STEP
     elif step is None:
         step = checkpoint_step(checkpoint)  # type: ignore[arg-type]
+    plan = dataclasses.replace(plan, requests=plan.requests_for_step(step))  # per-step seeds made concrete
     folder = _samples_dir(config, settings, checkpoint)
     requests = [
         request
