@@ -2,11 +2,13 @@
 
 The simulated trainer writes each checkpoint in chunks (a reader sees half a file), then
 pauses a random while, as training between saves; the daemon must notice the file,
-wait for it to settle, copy and record it, swap its LoRA in and start the first
-pipeline call. One image of one step per checkpoint, so the renders stay short.
+know it is ready (whole and closed by its writer: inotify's `IN_CLOSE_WRITE`; else settled),
+copy and record it, swap its LoRA in and start the first pipeline call. One image of one
+step per checkpoint, so the renders stay short.
 
-Measured twice: with a small settle and idle back-off (the figure with the target), and
-with the default `Settings` (`settle_seconds` 1.0, `poll_interval_seconds` 1.0).
+Measured twice: with the default `Settings` (`settle_seconds` 1.0, `poll_interval_seconds`
+1.0; the figure with the target, 1.06 s before close events counted), and with a small
+settle and idle back-off.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from sidecar.settings import SETTLE_SECONDS as DEFAULT_SETTLE_SECONDS
 
 SETTLE_SECONDS = 0.1
 POLL_INTERVAL_SECONDS = 0.05
-TARGET = Target("<=", 0.2)
+TARGET = Target("<=", 0.2)  # with a small settle
+TARGET_DEFAULTS = Target("<=", 0.05)  # with the defaults: a closed, whole file is ready at once
 ARCH = "sdxl"
 SIZE = "shallow"
 PAUSE_SECONDS = (0.05, 0.3)  # "training" between two saves: uniform in this range
@@ -57,7 +60,7 @@ def run(workspace: Workspace, profile: Profile) -> list[Figure]:
             statistic="p95",
             settings=tuned_settings,
         ),
-        Figure("detection", case, "defaults", "s", defaults, settings=default_settings),
+        Figure("detection", case, "defaults", "s", defaults, TARGET_DEFAULTS, settings=default_settings),
     ]
 
 
