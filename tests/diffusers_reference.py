@@ -8,7 +8,7 @@ scheduler's config) gives different pixels. Tiny models, 64x64, two steps, on CP
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -31,8 +31,9 @@ ATTENTION_KWARGS = {
     "sd3": "joint_attention_kwargs",
     "flux": "joint_attention_kwargs",
 }
-# LoRA formats diffusers ignores without an error: sidecar must raise for them.
-NOT_APPLYING = (("sdxl", "unprefixed"), ("sd3", "kohya"), ("sd3", "unprefixed"), ("flux", "unprefixed"))
+# LoRA formats that apply to no layer (diffusers ignores them without an error): sidecar must raise.
+# (kohya SD 3.5, which diffusers ignores too, sidecar converts itself.)
+NOT_APPLYING = (("sdxl", "unprefixed"), ("sd3", "unprefixed"), ("flux", "unprefixed"))
 APPLYING = tuple(
     (arch, fmt) for arch in ARCHS for fmt in LORA_FORMATS[arch] if (arch, fmt) not in NOT_APPLYING
 )
@@ -137,3 +138,85 @@ def plain_call(
         **call_arguments,
     ).images
     return [np.asarray(image) for image in images]
+
+
+# ---------------------------------------------------------------------------------
+# The merged-weights reference: a LoRA file's change computed from the format's own
+# definition, added to a copy of the base weights, rendered with no LoRA at all.
+# ---------------------------------------------------------------------------------
+
+
+def module_delta(tensors: dict[str, torch.Tensor], key: str, *, default_alpha: float | None) -> torch.Tensor:
+    """One module's weight change at strength 1, from its factors as the format defines them.
+
+    - LoRA: `up @ down * alpha / rank` (conv downs keep their kernel, ups are 1x1);
+    - LoKr: `kron(w1, w2) * alpha / rank`, a factor written `w_a @ w_b` where decomposed; with
+      both factors full LyCORIS scales by 1 whatever the alpha;
+    - LoHa: `(w1a @ w1b) * (w2a @ w2b) * alpha / rank`.
+    """
+
+    def get(name: str) -> torch.Tensor | None:
+        return tensors.get(f"{key}.{name}")
+
+    alpha_tensor = get("alpha")
+    alpha = float(alpha_tensor) if alpha_tensor is not None else default_alpha
+    down = get("lora_down.weight") if get("lora_down.weight") is not None else get("lora_A.weight")
+    if down is not None:
+        up = get("lora_up.weight") if get("lora_up.weight") is not None else get("lora_B.weight")
+        rank = down.shape[0]
+        delta = up.flatten(1).double() @ down.flatten(1).double()
+        return (delta * ((alpha if alpha is not None else rank) / rank)).reshape(up.shape[0], *down.shape[1:])
+    if get("hada_w1_a") is not None:
+        rank = get("hada_w1_b").shape[0]
+        first = get("hada_w1_a").double() @ get("hada_w1_b").double()
+        second = get("hada_w2_a").double() @ get("hada_w2_b").double()
+        return first * second * ((alpha if alpha is not None else rank) / rank)
+
+    def factor(index: int) -> torch.Tensor:
+        full = get(f"lokr_w{index}")
+        if full is not None:
+            return full.double()
+        return get(f"lokr_w{index}_a").double() @ get(f"lokr_w{index}_b").double()
+
+    w1, w2 = factor(1), factor(2)
+    full = get("lokr_w1") is not None and get("lokr_w2") is not None
+    rank = None if full else (get("lokr_w1_a") if get("lokr_w1_a") is not None else get("lokr_w2_a")).shape[1]
+    scale = 1.0 if full else (alpha if alpha is not None else rank) / rank
+    return torch.kron(w1, w2.flatten(1)) * scale  # conv kernels ride along in the columns
+
+
+def reference_deltas(written, pipe: DiffusionPipeline) -> Iterator[tuple[torch.nn.Module, torch.Tensor]]:
+    """(layer, change) of each layer a `WrittenLora` covers, fused rows split by the layers' widths.
+
+    One layer at a time: a LoRA on every layer of a wide model changes as many weights as
+    the model has.
+    """
+    from safetensors.torch import load_file
+
+    from sidecar.testing.lora_plan import peft_alphas, read_metadata
+
+    tensors = load_file(str(written.path))
+    alphas = peft_alphas(read_metadata(written.path))
+    for key, targets in written.modules.items():
+        delta = module_delta(tensors, key, default_alpha=alphas.get(targets[0].component))
+        layers = [getattr(pipe, target.component).get_submodule(target.module) for target in targets]
+        rows = delta.split([layer.weight.shape[0] for layer in layers])
+        for target, part, layer in zip(targets, rows, layers, strict=True):
+            if target.swap_halves:
+                part = torch.cat(part.chunk(2)[::-1])
+            yield layer, part.reshape(layer.weight.shape).float()
+
+
+def merged_render(
+    folder: Path, arch: str, request: SampleRequest, written=None, **call_arguments
+) -> np.ndarray:
+    """`request` rendered by a plain pipeline whose weights had `written`'s changes added (at the
+    request's strength) from the format's own definition; no LoRA is loaded. `written=None`: the base."""
+    pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    if written is not None:
+        with torch.no_grad():
+            for layer, delta in reference_deltas(written, pipe):
+                layer.weight.add_(delta * request.strength)
+    (image,) = plain_call(folder, arch, [request], pipe=pipe, **call_arguments)
+    return image

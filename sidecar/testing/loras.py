@@ -3,7 +3,8 @@
 - `peft`: diffusers / PEFT names through the pipeline's `save_lora_weights`
   (ai-toolkit, SimpleTuner, diffusers' training scripts), alpha in the header metadata;
 - `kohya`: sd-scripts names (`lora_unet_…`, `lora_te1_…`, `.alpha`): on SDXL with
-  diffusers-style block names, on Flux with the original BFL block names;
+  diffusers-style block names, on SD 3.5 with SAI's MMDiT names (fused `attn_qkv`), on Flux
+  with the original BFL block names;
 - `kohya_sgm`: SDXL kohya names in the original SGM layout (`input_blocks_4_1_…`),
   what sd-scripts writes for SDXL;
 - `unprefixed`: PEFT names without the `unet.` / `transformer.` prefix, which
@@ -23,6 +24,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from sidecar.arch import Arch
+from sidecar.testing.lora_layouts import sd3_original_layout
+from sidecar.testing.lora_plan import fused_shape, module_shapes
 
 LoraFormat = Literal["peft", "kohya", "kohya_sgm", "unprefixed"]
 
@@ -122,6 +125,9 @@ def write_lora(
     if arch == "flux" and lora_format == "kohya":
         tensors = _kohya_flux_tensors(model_folder, rank=rank, alpha=alpha, seed=seed, scale=scale)
         return _save(tensors, path, metadata)
+    if arch == "sd3" and lora_format == "kohya":
+        tensors = _kohya_sd3_tensors(model_folder, rank=rank, alpha=alpha, seed=seed, scale=scale)
+        return _save(tensors, path, metadata)
     pairs = lora_pairs(model_folder, arch, rank=rank, seed=seed, scale=scale, components=components)
     if lora_format == "peft":
         return _save_peft(arch, pairs, path, rank=rank, alpha=alpha, metadata=metadata)
@@ -138,8 +144,6 @@ def write_lora(
         for name, (down, up) in modules.items():
             if component == "unet" and lora_format == "kohya_sgm":
                 name = sgm_unet_name(name, _unet_config(model_folder))
-            elif arch == "sd3" and component == "transformer":
-                name = sd3_original_name(name)
             key = f"{prefix}_{name.replace('.', '_')}"
             tensors[f"{key}.lora_down.weight"] = down
             tensors[f"{key}.lora_up.weight"] = up
@@ -220,13 +224,23 @@ def sgm_unet_name(name: str, unet_config: dict) -> str:
     raise ValueError(f"no SGM name for UNet module {name!r}")
 
 
-def sd3_original_name(name: str) -> str:
-    """An SD3 diffusers module name in SAI's original MMDiT names (`joint_blocks_0_x_block_…`)."""
-    match = re.match(r"transformer_blocks\.(\d+)\.attn\.(to_q|to_k|to_v|to_out\.0)", name)
-    if not match:
-        raise ValueError(f"no original SD3 name for {name!r}")
-    part = {"to_q": "attn.qkv_q", "to_k": "attn.qkv_k", "to_v": "attn.qkv_v", "to_out.0": "attn.proj"}
-    return f"joint_blocks.{match[1]}.x_block.{part[match[2]]}"
+def _kohya_sd3_tensors(model_folder, *, rank: int, alpha: float, seed: int, scale: float):
+    """sd-scripts' SD 3.5 LoRA on the attention: `joint_blocks_N_x_block_attn_qkv` (fused) and `_proj`."""
+    shapes = module_shapes(model_folder, "transformer")
+    attention = ("x_block.attn.qkv", "x_block.attn.proj")
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for original, layers in sd3_original_layout(shapes):
+        if not original.endswith(attention):
+            continue
+        out_features, in_features = fused_shape(shapes, layers)
+        key = f"lora_unet_{original.replace('.', '_')}"
+        tensors[f"{key}.lora_down.weight"] = (
+            torch.randn(rank, in_features, generator=generator) / in_features**0.5
+        )
+        tensors[f"{key}.lora_up.weight"] = torch.randn(out_features, rank, generator=generator) * scale
+        tensors[f"{key}.alpha"] = torch.tensor(alpha)
+    return tensors
 
 
 def _kohya_flux_tensors(model_folder, *, rank: int, alpha: float, seed: int, scale: float):

@@ -5,9 +5,10 @@ tokenizers from an in-memory vocabulary, then saved as an ordinary diffusers fol
 that sidecar loads through the same code path as a user's real model. The demo,
 the tests and the benchmarks stand on these.
 
-Two sizes per architecture: `shallow` (a block or two; renders in a fraction of a
-second on CPU) and `deep` (the real block counts of SDXL, SD 3.5 medium and Flux
-with tiny widths, so per-module costs such as LoRA injection weigh as at full size).
+Three sizes per architecture: `shallow` (a block or two; renders in a fraction of a
+second on CPU), `deep` (the real block counts of SDXL, SD 3.5 medium and Flux
+with tiny widths, so per-module costs such as LoRA injection weigh as at full size) and
+`wide` (the real layer widths and module names with few blocks: `sidecar.testing.wide`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 
 from sidecar.arch import Arch
 
-Size = Literal["shallow", "deep"]
+Size = Literal["shallow", "deep", "wide"]
 
 CLIP_MAX_LENGTH = 77  # CLIP position embeddings; longer tokenizers break the text encoders
 T5_MAX_LENGTH = 256
@@ -287,7 +288,12 @@ def build_pipeline(arch: Arch, size: Size = "shallow", *, seed: int = 0):
     """A tiny pipeline of `arch` in eval mode, weights from `seed`."""
     if arch not in BUILDERS:
         raise ValueError(f"`arch` must be one of {sorted(BUILDERS)}, got {arch!r}")
-    pipe = BUILDERS[arch](size, seed=seed)
+    if size == "wide":
+        from sidecar.testing.wide import build_wide
+
+        pipe = build_wide(arch, seed=seed)
+    else:
+        pipe = BUILDERS[arch](size, seed=seed)
     for component in pipe.components.values():
         if isinstance(component, torch.nn.Module):
             component.eval()  # models built from configs start in train mode
@@ -300,7 +306,11 @@ def save_tiny_model(arch: Arch, folder: str | Path, *, size: Size = "shallow", s
     folder = Path(folder)
     if (folder / "model_index.json").is_file():
         return folder
-    pipe = build_pipeline(arch, size, seed=seed)
+    return save_pipeline(build_pipeline(arch, size, seed=seed), folder)
+
+
+def save_pipeline(pipe, folder: Path) -> Path:
+    """Save `pipe` as a diffusers folder that appears complete or not at all."""
     partial = folder.with_name(folder.name + ".partial")
     pipe.save_pretrained(partial, safe_serialization=True)
     partial.rename(folder)  # a folder with model_index.json is always complete

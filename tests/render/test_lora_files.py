@@ -39,7 +39,7 @@ FORMAT_NAMES = {"peft": "peft", "kohya": "kohya", "kohya_sgm": "kohya", "unprefi
 # - SDXL UNet: 4 attention projections x 2 attentions (attn1, attn2) per transformer block;
 #   down_blocks.1: 2 attentions x 2 blocks, mid: 1 x 2, up_blocks.0: 3 x 2 -> 12 blocks, 96;
 # - SDXL text encoders: q/k/v/out of 2 layers -> 8 each;
-# - SD 3.5: to_q/k/v/out of 2 transformer blocks -> 8;
+# - SD 3.5: to_q/k/v/out of 2 transformer blocks -> 8 (kohya: fused qkv and proj -> 4);
 # - Flux (PEFT): 1 double block (q/k/v/out) + 1 single block (q/k/v; it has no to_out) -> 7;
 # - Flux (kohya): 1 double block (img and txt: qkv, proj) + 1 single block (linear2) -> 5.
 MODULE_COUNTS = {
@@ -48,7 +48,7 @@ MODULE_COUNTS = {
     ("sdxl", "kohya_sgm"): 96,
     ("sdxl", "unprefixed"): 96,
     ("sd3", "peft"): 8,
-    ("sd3", "kohya"): 8,
+    ("sd3", "kohya"): 4,
     ("sd3", "unprefixed"): 8,
     ("flux", "peft"): 7,
     ("flux", "kohya"): 5,

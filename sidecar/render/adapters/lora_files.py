@@ -30,7 +30,12 @@ LYCORIS_MARKERS = (".hada_w1_a", ".lokr_w1", ".lokr_w1_a", ".oft_blocks")
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_", "lora_transformer_")
 PEFT_PREFIXES = ("unet.", "transformer.", "text_encoder.", "text_encoder_2.", "text_encoder_3.")
 COMFY_PREFIXES = ("diffusion_model.", "model.diffusion_model.")
-TEXT_ENCODER_MARKERS = ("text_encoder", "lora_te", "te1.", "te2.", "text_encoders.")
+TEXT_ENCODER_MARKERS = ("text_encoder", "lora_te", "te1.", "te2.", "text_encoders.", "clip_l.", "t5.")
+# OneTrainer's OMI layout: Flux's BFL names under `transformer.` (`convert_onetrainer.py`).
+OMI_MARKERS = ("transformer.double_blocks.", "transformer.single_blocks.")
+
+# Prefixes of the transformer models' denoiser keys: never SDXL, whose denoiser is a UNet.
+TRANSFORMER_PREFIXES = ("lora_transformer_", "transformer.", "lycoris_transformer_blocks_")
 
 # Substrings of LoRA keys that only one architecture's modules have.
 ARCH_KEY_MARKERS: dict[Arch, tuple[str, ...]] = {
@@ -54,12 +59,13 @@ class LoraFile:
     """What a LoRA file holds, read from its safetensors header only."""
 
     path: Path
-    format: str  # peft | kohya | comfyui | lycoris | unprefixed
+    format: str  # peft | kohya | comfyui | omi | lycoris | unprefixed
     arch_guess: Arch | None  # None when the key names fit several architectures
     module_count: int  # LoRA modules as stored in the file (before any conversion)
     has_text_encoder: bool  # re-encode prompts with the LoRA applied
     first_keys: tuple[str, ...]
     metadata: dict[str, str]
+    keys: tuple[str, ...] = ()  # every tensor name, to choose the route (`routes.route_for`)
 
 
 @dataclass(frozen=True)
@@ -109,6 +115,7 @@ def inspect_lora(path: str | Path) -> LoraFile:
         has_text_encoder=any(marker in key for key in down_keys for marker in TEXT_ENCODER_MARKERS),
         first_keys=tuple(sorted(keys)[:3]),
         metadata=metadata,
+        keys=tuple(keys),
     )
 
 
@@ -123,6 +130,8 @@ def detect_format(keys: list[str]) -> str | None:
         return "kohya"
     if all(key.startswith(COMFY_PREFIXES) for key in lora_keys):
         return "comfyui"
+    if any(key.startswith(OMI_MARKERS) for key in lora_keys):
+        return "omi"
     if all(key.startswith(PEFT_PREFIXES) for key in lora_keys):
         return "peft"
     return "unprefixed"
@@ -135,6 +144,8 @@ def guess_arch(keys: list[str]) -> Arch | None:
         for arch, markers in ARCH_KEY_MARKERS.items()
         if any(marker in key for key in keys for marker in markers)
     }
+    if any(key.startswith(TRANSFORMER_PREFIXES) for key in keys):
+        found.discard("sdxl")  # a CLIP-G text encoder (`lora_te2_`) beside a transformer: SD 3.5
     return found.pop() if len(found) == 1 else None
 
 

@@ -8,10 +8,12 @@ cheapest first:
 2. another file of the same layout: diffusers' `load_lora_weights(..., hotswap=True)`;
 3. anything else: unload, then `load_lora_weights`.
 
-diffusers loads from the path, not a state dict, so `lora_alpha` in the header metadata
-is kept. After each load, the layers that really carry the adapter are counted against
-the modules in the file (`check_applied`): a LoRA that applies to nothing is an error,
-never a silent no-op.
+Each file takes the route `routes.route_for` gives it: layouts diffusers converts load from
+the path, so `lora_alpha` in the header metadata is kept; layouts sidecar converts itself
+load from the converted state dict (alpha folded in); LyCORIS files go to the
+`lycoris-lora` library (`lycoris.py`), swapped in place the same way. After each load, the
+layers that really carry the adapter are counted against the modules in the file
+(`check_applied`): a LoRA that applies to nothing is an error, never a silent no-op.
 """
 
 from __future__ import annotations
@@ -23,10 +25,13 @@ import torch
 from diffusers import DiffusionPipeline
 from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
 from diffusers.utils import convert_unet_state_dict_to_peft
+from diffusers.utils.peft_utils import delete_adapter_layers
 from peft.tuners.tuners_utils import BaseTunerLayer
+from safetensors.torch import load_file
 
 from sidecar.arch import ARCH_SPECS, ArchSpec
 from sidecar.errors import LoraError
+from sidecar.render.adapters.conversion import Layers
 from sidecar.render.adapters.lora_files import (
     LoraFile,
     LoraReport,
@@ -34,6 +39,8 @@ from sidecar.render.adapters.lora_files import (
     expected_modules,
     inspect_lora,
 )
+from sidecar.render.adapters.lycoris import LycorisSlot, file_modules, lycoris_names
+from sidecar.render.adapters.routes import Route, convert_kohya_flux, route_for
 
 logger = logging.getLogger("sidecar.render")
 
@@ -59,6 +66,10 @@ class AdapterSlot:
         self._weights: dict[str, dict[str, torch.nn.Parameter]] = {}  # for in-place swaps
         self._alphas: object = None
         self._injected: dict[str, int] = {}
+        self._route: Route | None = None
+        self._layers: Layers | None = None
+        self.lycoris = LycorisSlot(pipe)
+        self._extra: dict[str, torch.nn.Module] = {}  # text encoders loaded outside diffusers' loader
 
     def apply(self, path: str | Path, *, in_place_allowed: bool = True) -> LoraReport:
         """Swap the loaded LoRA for the one at `path`; raises `LoraError` when it does not apply.
@@ -67,21 +78,32 @@ class AdapterSlot:
         modules, where copying into the parameters would miss them.
         """
         lora = inspect_lora(path)
-        converted, alphas = self._converted_state_dict(lora)
+        try:
+            route = route_for(list(lora.keys), arch=self.spec.name)
+        except LoraError as error:
+            self.remove()
+            raise LoraError(f"{lora.path}: {error}") from error
+        if route.kind == "lycoris":
+            return self._apply_lycoris(lora, in_place_allowed=in_place_allowed)
+        if self.lycoris.active:
+            self.remove()
+        converted, alphas, source = self._converted_state_dict(lora, route)
         expected = expected_modules(converted)
-        if in_place_allowed and self._copy_into_adapter(lora, converted, alphas):
+        if in_place_allowed and route == self._route and self._copy_into_adapter(lora, converted, alphas):
             return self._loaded(lora, expected, self._injected, hotswapped=True)
-        hotswap = self._can_hotswap(lora)
+        extra = self._extra_components(converted)
+        hotswap = self._can_hotswap(lora) and route == self._route and not extra
         if hotswap:
             try:
-                self.pipe.load_lora_weights(str(lora.path), adapter_name=ADAPTER_NAME, hotswap=True)
+                self.pipe.load_lora_weights(_fresh(source), adapter_name=ADAPTER_NAME, hotswap=True)
             except (RuntimeError, ValueError) as error:
                 logger.info("hot-swap of %s failed (%s); unloading and loading instead", lora.path, error)
                 hotswap = False
         if not hotswap:
             self.remove()
             try:
-                self.pipe.load_lora_weights(str(lora.path), adapter_name=ADAPTER_NAME)
+                self.pipe.load_lora_weights(_fresh(source), adapter_name=ADAPTER_NAME)
+                self._load_extra_components(extra)
             except (RuntimeError, ValueError, KeyError) as error:
                 self.remove()
                 raise LoraError(self._load_error_message(lora, error)) from error
@@ -94,14 +116,111 @@ class AdapterSlot:
         self._weights = self._adapter_parameters()
         self._alphas = alphas
         self._injected = injected
+        self._route = route
         return self._loaded(lora, expected, injected, hotswapped=hotswap)
+
+    def _apply_lycoris(self, lora: LoraFile, *, in_place_allowed: bool) -> LoraReport:
+        """A LyCORIS file through the `lycoris-lora` library; the next checkpoint copied in place."""
+        try:
+            weights = lycoris_names(
+                load_file(str(lora.path)), self.layers(), denoiser=self.denoiser, pipe=self.pipe
+            )
+        except LoraError as error:
+            self.remove()
+            raise LoraError(f"{lora.path}: {error}") from error
+        expected = file_modules(weights)
+        loaded = self.lora
+        if (
+            in_place_allowed
+            and loaded is not None
+            and loaded.format == "lycoris"
+            and loaded.module_count == lora.module_count
+            and self.lycoris.copy_in_place(weights)
+        ):
+            return self._loaded(lora, expected, self._injected, hotswapped=True)
+        self.remove()
+        injected = self.lycoris.apply(weights)
+        try:
+            check_applied(lora, expected, injected, arch=self.spec.name)
+        except LoraError:
+            self.remove()
+            raise
+        self._injected = injected
+        return self._loaded(lora, expected, injected, hotswapped=False)
+
+    def _extra_components(self, converted: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+        """LoRA weights for text encoders the pipeline's loader skips without a word (T5 on Flux
+        and SD 3.5: `_lora_loadable_modules` lacks them)."""
+        loadable = set(getattr(self.pipeline_class, "_lora_loadable_modules", ()))
+        extra: dict[str, dict[str, torch.Tensor]] = {}
+        for key, value in converted.items():
+            component = key.split(".", 1)[0]
+            if component not in loadable and isinstance(getattr(self.pipe, component, None), torch.nn.Module):
+                extra.setdefault(component, {})[key] = value
+        return extra
+
+    def _load_extra_components(self, extra: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Inject those text encoders' weights with PEFT, one rank per layer, alpha folded (scale 1)."""
+        from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+
+        for component, weights in extra.items():
+            encoder = getattr(self.pipe, component)
+            part = {key.removeprefix(f"{component}."): value for key, value in weights.items()}
+            ranks = {
+                key.removesuffix(".lora_B.weight"): value.shape[1]
+                for key, value in part.items()
+                if key.endswith(".lora_B.weight")
+            }
+            rank = next(iter(ranks.values()))
+            config = LoraConfig(
+                r=rank,
+                lora_alpha=rank,
+                target_modules=sorted(ranks),
+                rank_pattern={f"^{name}$": value for name, value in ranks.items()},
+                alpha_pattern={f"^{name}$": value for name, value in ranks.items()},
+            )
+            inject_adapter_in_model(config, encoder, adapter_name=ADAPTER_NAME)
+            set_peft_model_state_dict(encoder, part, adapter_name=ADAPTER_NAME)
+            self._extra[component] = encoder
+
+    def set_strength(self, strength: float) -> None:
+        """The LoRA's strength for the next call: LyCORIS networks take it as their multiplier,
+        and text encoders outside the pipeline's LoRA loader (which its `encode_prompt` does
+        not scale) as their PEFT scale; the others take it from the call's kwargs."""
+        self.lycoris.set_multiplier(strength)
+        for encoder in self._extra.values():
+            for module in encoder.modules():
+                if isinstance(module, BaseTunerLayer) and ADAPTER_NAME in getattr(module, "lora_A", {}):
+                    module.set_scale(ADAPTER_NAME, strength)
 
     def remove(self) -> None:
         """Unload the LoRA: the pipeline renders the base model again."""
         if ADAPTER_NAME in self._adapter_names():
             self.pipe.delete_adapters(ADAPTER_NAME)
+        for encoder in self._extra.values():
+            delete_adapter_layers(encoder, ADAPTER_NAME)
+        self._extra = {}
+        self.lycoris.remove()
         self.lora = None
         self._weights = {}
+        self._route = None
+
+    @property
+    def denoiser(self) -> str:
+        return "unet" if isinstance(getattr(self.pipe, "unet", None), torch.nn.Module) else "transformer"
+
+    def layers(self) -> Layers:
+        """`{component: {layer: out width}}` of the base model's linear and conv layers.
+
+        Read once, from the layers under any adapter wrapping, so converters split fused
+        rows by the model's own widths.
+        """
+        if self._layers is None:
+            self._layers = {}
+            for name, component in self.pipe.components.items():
+                if isinstance(component, torch.nn.Module):
+                    self._layers[name] = layer_widths(component)
+        return self._layers
 
     def _loaded(
         self, lora: LoraFile, expected: dict[str, int], injected: dict[str, int], *, hotswapped: bool
@@ -174,13 +293,30 @@ class AdapterSlot:
             == (lora.format, lora.module_count, lora.has_text_encoder)
         )
 
-    def _converted_state_dict(self, lora: LoraFile) -> tuple[dict[str, torch.Tensor], object]:
-        """The file's weights after diffusers' own key conversion, and what sets their scale.
+    def _converted_state_dict(
+        self, lora: LoraFile, route: Route
+    ) -> tuple[dict[str, torch.Tensor], object, str | dict[str, torch.Tensor]]:
+        """The file's weights after key conversion, what sets their scale, and what to load.
 
-        The scale comes from kohya `.alpha` tensors (returned by diffusers as network
-        alphas) or from PEFT's `lora_adapter_metadata` header; two files with equal
-        values of both scale their weights alike.
+        diffusers' layouts: its own conversion, loaded from the path; the scale comes from
+        kohya `.alpha` tensors (returned by diffusers as network alphas) or from PEFT's
+        `lora_adapter_metadata` header, and two files with equal values of both scale their
+        weights alike. sidecar's layouts: its converter, alpha folded in, loaded from the dict.
         """
+        if route.kind == "converted":
+            try:
+                tensors = load_file(str(lora.path))
+                if route.converter is None:
+                    converted = convert_kohya_flux(tensors, self.layers(), self.pipeline_class)
+                else:
+                    converted = route.converter(tensors, self.layers())
+            except (LoraError, *CONVERSION_ERRORS) as error:
+                self.remove()
+                raise LoraError(
+                    f"{lora.path}: cannot convert this {route.layout} LoRA for {self.spec.label}"
+                    f"{self._arch_hint(lora)}: {first_line(error)}"
+                ) from error
+            return converted, ("folded",), converted
         try:
             converted = self.pipeline_class.lora_state_dict(str(lora.path))
         except CONVERSION_ERRORS as error:
@@ -197,7 +333,7 @@ class AdapterSlot:
             tuple(sorted((key, float(value)) for key, value in (network_alphas or {}).items())),
             lora.metadata.get(LORA_ADAPTER_METADATA_KEY),
         )
-        return state_dict, alphas
+        return state_dict, alphas, str(lora.path)
 
     def _injected_layers(self) -> dict[str, int]:
         """Layers per component that really carry the sidecar adapter."""
@@ -231,3 +367,22 @@ class AdapterSlot:
             f"{lora.path}: diffusers could not load this {lora.format} LoRA on {self.spec.label}"
             f"{self._arch_hint(lora)}: {first_line(error)}"
         )
+
+
+def _fresh(source: str | dict[str, torch.Tensor]) -> str | dict[str, torch.Tensor]:
+    """What `load_lora_weights` takes: a path, or a copy of a state dict (diffusers pops from it)."""
+    return dict(source) if isinstance(source, dict) else source
+
+
+def layer_widths(component: torch.nn.Module) -> dict[str, int]:
+    """`{layer: out features}` of a component's linear and conv layers, seen through adapter wrappers."""
+    widths: dict[str, int] = {}
+    for name, module in component.named_modules():
+        if ".base_layer" in f".{name}." or ".lora_" in f".{name}" or "sidecar_lycoris" in name:
+            continue
+        base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+        if isinstance(base, torch.nn.Linear):
+            widths[name] = base.out_features
+        elif isinstance(base, torch.nn.Conv2d):
+            widths[name] = base.out_channels
+    return widths
