@@ -174,3 +174,14 @@ def test_oom_is_recognised_on_cuda():
         torch.empty(1 << 50, dtype=torch.uint8, device=device)
     assert is_cuda_oom(info.value)
     devices.free_cuda_cache(device)
+
+
+def test_card_memory_for_sidecar_check_gpu(fake_cuda, monkeypatch):
+    """`sidecar check --gpu 1`: the dtype `auto` means there, the card's free bytes, its name."""
+    from sidecar.render.devices import card_memory
+
+    fake_cuda["count"] = 2
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (11 * 1024**3, 16 * 1024**3))
+    assert card_memory(1, "auto") == ("fp16", 11 * 1024**3, "cuda:1 (Fake GPU)")
+    assert card_memory(1, "bf16")[0] == "bf16"
