@@ -2,7 +2,7 @@
 
 Wide Flux: the real transformer width (3072, 24 heads of 128) and the real VAE
 (`block_out_channels` 128-512, 16 latent channels) with a few blocks and narrow text
-encoders, random weights, built offline (`sidecar.testing.wide` when present, else here).
+encoders, random weights, built offline (`sidecar.testing.wide`).
 Each mode renders one 1024 px image (4 steps) through sidecar's own renderer, placed as
 `Placement` places it; the peak torch allocates is compared with the plan the loaded
 modules give (`memory.plan_pipeline`), which is what `--offload auto` and `sidecar check`
@@ -32,30 +32,11 @@ MIB = 1024**2
 def build_wide_flux():
     """A Flux pipeline with the real transformer width and the real VAE, few blocks."""
     import torch
-    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from diffusers import AutoencoderKL
 
-    try:
-        from sidecar.testing.wide import build_flux_wide
+    from sidecar.testing.wide import build_flux_wide
 
-        pipe = build_flux_wide(seed=0)
-    except ImportError:  # the wide models are not in this checkout: widen the tiny one
-        from sidecar.testing.tiny import build_pipeline
-
-        pipe = build_pipeline("flux")
-        text_width = pipe.text_encoder_2.config.d_model
-        pooled_width = pipe.text_encoder.config.projection_dim
-        torch.manual_seed(0)
-        pipe.transformer = FluxTransformer2DModel(
-            in_channels=64,
-            num_layers=2,
-            num_single_layers=4,
-            attention_head_dim=128,
-            num_attention_heads=24,
-            joint_attention_dim=text_width,
-            pooled_projection_dim=pooled_width,
-            guidance_embeds=True,
-            axes_dims_rope=(16, 56, 56),
-        )
+    pipe = build_flux_wide(seed=0)
     pipe.vae = AutoencoderKL(  # FLUX.1-dev's VAE config: the decode's working memory is real
         latent_channels=16,
         block_out_channels=(128, 256, 512, 512),
