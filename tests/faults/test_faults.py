@@ -16,15 +16,15 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from faults.beside import run_beside
 
 from sidecar.app.commands import status as status_command
-from sidecar.app.watch import Daemon, WatchRequest, run_watch
+from sidecar.app.watch import WatchRequest, run_watch
 from sidecar.jobs.store import JobStore
 from sidecar.settings import STATE_FILE_NAME, SamplesFolder
 from sidecar.testing.loras import write_lora
@@ -36,7 +36,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning", "ignore::UserW
 NAME = "demo_lora"
 PROMPTS = ("a photo of [trigger]", "[trigger] in the snow")
 SETTLE_SECONDS = 0.3
-RUN_LIMIT_SECONDS = 120.0  # a daemon still running after this is stopped and the test fails
 SUBPROCESS_START_SECONDS = 120.0  # a fresh interpreter imports torch and diffusers first
 
 
@@ -91,35 +90,7 @@ class Run:
 
     def beside(self, trainer: Callable[[], None], renderer, **changes) -> int:
         """Run the daemon in this thread while `trainer` runs in another; the daemon's exit code."""
-        done = threading.Event()
-        errors: list[BaseException] = []
-
-        def train() -> None:
-            try:
-                trainer()
-            except BaseException as error:
-                errors.append(error)
-            finally:
-                done.set()
-
-        daemons: list[Daemon] = []
-        timer = threading.Timer(RUN_LIMIT_SECONDS, lambda: [d.request_stop() for d in daemons])
-        thread = threading.Thread(target=train, daemon=True)
-        thread.start()
-        timer.start()
-        try:
-            code = run_watch(
-                self.request(**changes),
-                renderer_factory=lambda: renderer,
-                until=done.is_set,
-                daemon_ready=daemons.append,
-            )
-        finally:
-            timer.cancel()
-            thread.join(timeout=RUN_LIMIT_SECONDS)
-        assert not errors, errors
-        assert not daemons[0].stop_requested, f"the daemon was still running after {RUN_LIMIT_SECONDS} s"
-        return code
+        return run_beside(self.request(**changes), trainer, renderer)[0]
 
     def jobs(self) -> dict[int | None, object]:
         with JobStore(self.db) as store:

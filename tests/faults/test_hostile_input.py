@@ -15,13 +15,13 @@ import random
 import shutil
 import sqlite3
 import struct
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+from faults.beside import run_beside
 from safetensors.torch import load_file
 
 from sidecar.app.watch import Daemon, WatcherDied, WatchRequest, run_watch
@@ -37,7 +37,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning", "ignore::UserW
 NAME = "demo_lora"
 PROMPTS = ("a photo of [trigger]",)
 SETTLE_SECONDS = 0.2
-RUN_LIMIT_SECONDS = 120.0  # a daemon still running after this is stopped and the test fails
 
 
 @pytest.fixture(scope="module")
@@ -133,30 +132,7 @@ class Site:
 
     def beside(self, trainer: Callable[[], None], renderer, **changes) -> int:
         """The daemon in this thread, `trainer` in another; the daemon ends once the trainer has."""
-        done = threading.Event()
-
-        def train() -> None:
-            try:
-                trainer()
-            finally:
-                done.set()
-
-        daemons: list[Daemon] = []
-        timer = threading.Timer(RUN_LIMIT_SECONDS, lambda: [d.request_stop() for d in daemons])
-        thread = threading.Thread(target=train, daemon=True)
-        thread.start()
-        timer.start()
-        try:
-            code = run_watch(
-                self.request(once=False, **changes),
-                renderer_factory=lambda: renderer,
-                until=done.is_set,
-                daemon_ready=lambda daemon: (daemons.append(daemon), setattr(self, "daemon", daemon)),
-            )
-        finally:
-            timer.cancel()
-        thread.join(RUN_LIMIT_SECONDS)  # not after an error: the trainer would wait for a daemon gone
-        assert not daemons[0].stop_requested, f"the daemon was still running after {RUN_LIMIT_SECONDS} s"
+        code, self.daemon = run_beside(self.request(once=False, **changes), trainer, renderer)
         return code
 
     def jobs(self) -> dict[int | None, object]:

@@ -115,6 +115,19 @@ def checkpoint_columns(db: Path) -> list[str]:
         conn.close()
 
 
+def add_step_300(store: JobStore, *, content_hash: str, output: dict | None = None):
+    """A checkpoint at step 300 added to a migrated store."""
+    return store.add_checkpoint(
+        Checkpoint(Path("/runs/out/my_lora_000000300.safetensors"), "my_lora", "ai-toolkit", 300),
+        content_hash=content_hash,
+        size_bytes=1000,
+        mtime_ns=1,
+        requests=REQUESTS,
+        now=4.0,
+        output=output,
+    )
+
+
 @pytest.fixture
 def db(tmp_path: Path) -> Path:
     return tmp_path / "samples" / ".sidecar" / "jobs.sqlite3"
@@ -150,14 +163,7 @@ def test_a_version_2_store_is_migrated_and_then_takes_equal_bytes_at_another_ste
         assert user_version(db) == SCHEMA_VERSION
         assert "checkpoints_content_hash" not in index_names(db)  # content no longer unique
         assert [(c.step, c.state) for c in store.checkpoints()] == [(100, "done"), (200, "pending")]
-        again = store.add_checkpoint(  # a trainer saved step 100's bytes again at step 300
-            Checkpoint(Path("/runs/out/my_lora_000000300.safetensors"), "my_lora", "ai-toolkit", 300),
-            content_hash="hash-100",
-            size_bytes=1000,
-            mtime_ns=1,
-            requests=REQUESTS,
-            now=4.0,
-        )
+        again = add_step_300(store, content_hash="hash-100")  # a trainer saved step 100's bytes again
         assert again.step == 300 and again.state == "pending"
         assert again.note is not None and "same bytes as step 100" in again.note
         linked = {0: Path("/out/100/0.png"), 1: Path("/out/100/1.png")}
@@ -202,15 +208,7 @@ def test_a_version_1_store_is_migrated_with_its_rows_intact_and_claimable(
 def test_a_migrated_store_takes_new_rows_with_their_output_options(db: Path) -> None:
     write_v1_store(db)
     with JobStore(db) as store:
-        added = store.add_checkpoint(
-            Checkpoint(Path("/runs/out/my_lora_000000300.safetensors"), "my_lora", "ai-toolkit", 300),
-            content_hash="hash-300",
-            size_bytes=1000,
-            mtime_ns=1,
-            requests=REQUESTS,
-            now=4.0,
-            output={"image_format": "jpg", "batch_size": 2},
-        )
+        added = add_step_300(store, content_hash="hash-300", output={"image_format": "jpg", "batch_size": 2})
         assert added.output == {"image_format": "jpg", "batch_size": 2}
         assert [c.output for c in store.checkpoints()] == [None, None, added.output]
 
