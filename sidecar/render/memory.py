@@ -58,19 +58,6 @@ def module_components(pipe: Any) -> dict[str, torch.nn.Module]:
     return {name: c for name, c in pipe.components.items() if isinstance(c, torch.nn.Module)}
 
 
-def component_bytes(pipe: Any) -> dict[str, int]:
-    """Bytes of parameters and buffers per module component, in their current dtype.
-
-    Counts elements, not storage, so it also works while weights sit on the meta
-    device under sequential offload.
-    """
-    sizes: dict[str, int] = {}
-    for name, module in module_components(pipe).items():
-        tensors = [*module.parameters(), *module.buffers()]
-        sizes[name] = sum(t.numel() * t.element_size() for t in tensors)
-    return sizes
-
-
 _TORCH_DTYPE_NAMES = {
     torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
     torch.int64: "I64", torch.int32: "I32", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
