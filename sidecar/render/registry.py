@@ -13,6 +13,7 @@ from sidecar.plan.request import ModelSource
 from sidecar.render.base import Renderer
 from sidecar.render.devices import resolve_device, resolve_dtype
 from sidecar.render.memory import Placement, plan_pipeline
+from sidecar.render.memory_plan import MEGAPIXEL
 from sidecar.render.quantize import quantization_type, quantize_backbone
 
 logger = logging.getLogger("sidecar.render")
@@ -39,11 +40,16 @@ def load_renderer(
     gpu: int | None = None,
     dtype: str = "auto",
     offload: str = "none",
+    pixels: int = MEGAPIXEL,
+    batch_size: int = 1,
+    lora_rank: int | None = None,
 ) -> Renderer:
     """The base model, loaded once and placed on its device in its memory mode.
 
-    Raises `ModelError` naming the `model:` key whose file does not load; the caller
-    that knows the config puts the file and line in front.
+    `offload=auto` takes the memory plan's mode for the card (`memory_plan.py`), made for
+    samples of `pixels` (width x height of the largest) in batches of `batch_size`, and a
+    LoRA of `lora_rank`. Raises `ModelError` naming the `model:` key whose file does not
+    load; the caller that knows the config puts the file and line in front.
     """
     torch_device = resolve_device(device=device, gpu=gpu)
     torch_dtype = resolve_dtype(dtype, torch_device)
@@ -56,7 +62,14 @@ def load_renderer(
     )
     if qtype is not None:  # in CPU RAM, before anything reaches the card (ai-toolkit's low_vram way)
         quantize_backbone(renderer.backbone, qtype)
-    plan = plan_pipeline(renderer.pipe, quantize=qtype, low_vram=model.low_vram)
+    plan = plan_pipeline(
+        renderer.pipe,
+        quantize=qtype,
+        low_vram=model.low_vram,
+        pixels=pixels,
+        batch_size=batch_size,
+        lora_rank=lora_rank,
+    )
     if model.low_vram and offload == "none":
         offload = "auto"  # the plan starts at `model` offload: never the whole pipeline on the card
     renderer.placement = Placement.place(

@@ -15,6 +15,7 @@ import pytest
 import torch
 from diffusers_reference import render_one, sample
 
+from sidecar.errors import SidecarError, TransientError
 from sidecar.plan.request import ModelSource
 from sidecar.render import memory
 from sidecar.render.memory import MemoryPolicy, OutOfMemoryError
@@ -126,6 +127,8 @@ def test_no_stronger_mode_left_fails_with_the_plans_figures(tiny_models):
     assert "even with offload=sequential, text encoders on the CPU" in message
     assert "estimated peaks: none " in message and "sequential " in message and "GiB" in message
     assert OOM_MESSAGE in message
+    # The dispatcher records a `SidecarError` that is not a `TransientError` as failed, not retried.
+    assert isinstance(error.value, SidecarError) and not isinstance(error.value, TransientError)
 
 
 def test_an_error_that_is_not_an_oom_is_not_stepped(tiny_models):
