@@ -334,8 +334,9 @@ class Placement:
         try:
             yield
         finally:
-            for name in self.held:
+            for name, module in self.held.items():
                 setattr(pipe, name, None)
+                unhook(module)  # diffusers re-applies offload to every component after a LoRA load
 
     def run(self, pipe: Any, action: Callable[[], T], *, phase: str, place_first: bool = False) -> T:
         """`action()`, stepping to a stronger memory mode and again after each CUDA OOM.
@@ -406,8 +407,22 @@ def hold_modules(pipe: Any, names: tuple[str, ...]) -> dict[str, torch.nn.Module
     for name in names:
         module = getattr(pipe, name, None)
         if isinstance(module, torch.nn.Module):
-            held[name] = module.to("cpu")
+            held[name] = unhook(module)
             setattr(pipe, name, None)
     if held:
         logger.info("%s wait in CPU RAM and encode there (memory plan)", ", ".join(held))
     return held
+
+
+def unhook(module: torch.nn.Module) -> torch.nn.Module:
+    """`module` without offload hooks (accelerate's, diffusers' group offload), in CPU RAM.
+
+    A held text encoder must encode where it is: a hook left on it would move it to the card.
+    """
+    from accelerate.hooks import remove_hook_from_module
+
+    if any(hasattr(sub, "_hf_hook") for sub in module.modules()):
+        remove_hook_from_module(module, recurse=True)
+    if has_group_offload(module):
+        _remove_group_offload(module)
+    return module.to("cpu")

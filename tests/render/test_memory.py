@@ -242,3 +242,27 @@ def test_a_lora_applies_and_swaps_under_offload(mode, tiny_models, tiny_lora):
         assert report.injected_total > 0
         np.testing.assert_array_equal(render_one(renderer, sample("flux")), image)
     assert _has_hooks(renderer.pipe)  # still offloaded
+
+
+def test_held_text_encoders_go_back_on_the_cpu_without_offload_hooks():
+    """diffusers re-applies offload to every component after a LoRA load; a held encoder
+    carrying a hook would be moved to the card at its next encode."""
+    from accelerate import cpu_offload_with_hook
+
+    pipe = build_pipeline("flux")
+    placement = memory.Placement(
+        device=torch.device("cpu"),
+        policy=MemoryPolicy("none"),
+        encoder_names=("text_encoder", "text_encoder_2"),
+        encoders_on_cpu=True,
+    )
+    placement.apply(pipe)
+    assert pipe.text_encoder is None and pipe.text_encoder_2 is None
+    with placement.encoders_attached(pipe):
+        memory._place(pipe, "group", torch.device("cpu"))  # hooks on every component, encoders too
+        cpu_offload_with_hook(pipe.text_encoder, "cpu")
+        assert memory.has_group_offload(pipe.text_encoder_2) and hasattr(pipe.text_encoder, "_hf_hook")
+    assert pipe.text_encoder is None and pipe.text_encoder_2 is None
+    for module in placement.held.values():
+        assert not memory.has_group_offload(module)
+        assert not any(hasattr(sub, "_hf_hook") for sub in module.modules())
