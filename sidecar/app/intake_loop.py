@@ -333,10 +333,11 @@ class Intake:
             content_hash=copy.content_hash,
             size_bytes=copy.size_bytes,
             mtime_ns=copy.mtime_ns,
-            requests=plan.requests,
+            requests=self.plans.requests_for(checkpoint),
             now=now,
             sample_every=plan.sample_every,
             output=plan.output_options(),
+            cadence_skip=self.plans.cadence_skip(checkpoint, now),
         )
         self._known[checkpoint.path] = (copy.size_bytes, copy.mtime_ns)
         if not self.store.content_needed(copy.content_hash):  # skipped, or already rendered

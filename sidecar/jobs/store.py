@@ -141,11 +141,13 @@ class JobStore(JobClaims):
         now: float,
         sample_every: int | None = None,
         output: Mapping[str, Any] | None = None,
+        cadence_skip: str | None = None,
     ) -> CheckpointJob:
         """Record a ready checkpoint and its sample plan; idempotent on path+step and content.
 
         `requests` is the sample plan as it is now; it is stored with the checkpoint.
-        Under `sample_every` a checkpoint off the schedule is recorded as `skipped`.
+        Under `sample_every` a checkpoint off the schedule is recorded as `skipped`; so is
+        one the trainer's epoch or time cadence leaves out (`cadence_skip`, its reason).
         """
         with self._transaction() as conn:
             row = conn.execute(
@@ -179,7 +181,7 @@ class JobStore(JobClaims):
                 "SELECT 1 FROM checkpoints WHERE content_hash IS NOT NULL"
                 " AND state IN ('pending', 'running', 'done') LIMIT 1"
             ).fetchone()
-            reason = skip_reason(
+            reason = cadence_skip or skip_reason(
                 checkpoint.step,
                 sample_every=sample_every,
                 is_final=checkpoint.is_final,

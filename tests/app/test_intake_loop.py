@@ -411,3 +411,35 @@ def test_random_bytes_are_failed_once_settled_and_listed_until_then(make_rig) ->
     job = rig.jobs()[100]
     assert job.state == "failed" and job.error.startswith("corrupt: header length field says")
     assert rig.intake.waiting() == []
+
+
+# --- the plan's per-step seeds and cadence, applied at intake -----------------------------------
+
+
+def test_a_per_step_seed_is_made_concrete_for_each_checkpoints_step(make_rig) -> None:
+    rig = make_rig()
+    rig.edit_config(lambda process: process["sample"].update(random_seed=True), mtime=time.time() + 10)
+    rig.start()
+    rig.lora(f"{NAME}_000000100.safetensors", step=100)
+    rig.lora(f"{NAME}_000000200.safetensors", step=200)
+    rig.scan()
+    rig.run(0.0, SETTLE_SECONDS + 0.1)
+    assert rig.store is not None
+    store = rig.store
+    seeds = {step: [s.request.seed for s in store.samples(job.id)] for step, job in rig.jobs().items()}
+    assert seeds[100] != seeds[200]  # a new seed at every step, as the trainer samples
+    stored = [sample.request for job in rig.jobs().values() for sample in rig.store.samples(job.id)]
+    assert not any(request.seed_per_step for request in stored)  # concrete in the store
+
+
+def test_a_checkpoint_before_the_first_sampled_step_is_recorded_skipped(make_rig) -> None:
+    rig = make_rig()
+    rig.edit_config(lambda process: process["sample"].update(sample_start_step=200), mtime=time.time() + 10)
+    rig.start()
+    rig.lora(f"{NAME}_000000100.safetensors", step=100)
+    rig.lora(f"{NAME}_000000200.safetensors", step=200)
+    rig.scan()
+    rig.run(0.0, SETTLE_SECONDS + 0.1)
+    jobs = rig.jobs()
+    assert jobs[100].state == "skipped" and "starts at step 200" in (jobs[100].error or "")
+    assert jobs[200].state == "pending"
