@@ -149,8 +149,8 @@ def _draw_missing(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], fon
     draw.text((left + width // 2, top + height // 2), "missing", font=font, fill=TEXT_COLOUR, anchor="mm")
 
 
-def _save(image: Image.Image, output: Path) -> Path:
-    """Save atomically in the format the suffix names."""
+def _save(image: Image.Image, output: Path, *, root: Path | None = None) -> Path:
+    """Save atomically in the format the suffix names; with `root`, confined below it."""
     output = Path(output)
     pil_format = SAVE_FORMATS.get(output.suffix.lower())
     if pil_format is None:
@@ -160,7 +160,7 @@ def _save(image: Image.Image, output: Path) -> Path:
     buffer = io.BytesIO()
     image.save(buffer, format=pil_format, **({"quality": 92} if pil_format != "PNG" else {}))
     data = buffer.getvalue()
-    atomic_write(output, lambda handle: handle.write(data))
+    atomic_write(output, lambda handle: handle.write(data), root=root)
     return output
 
 
@@ -224,7 +224,7 @@ def write_step_grid(
         draw.text(
             (left, top + cell_h + 2 + line), _fit_text(prompt, font, cell_w), font=font, fill=MUTED_COLOUR
         )
-    path = _save(canvas, step_dir(samples_dir, step) / STEP_GRID_NAME)
+    path = _save(canvas, step_dir(samples_dir, step) / STEP_GRID_NAME, root=Path(samples_dir))
     logger.info("step %d grid: %d sample(s) in %s", step, len(images), path)
     return path
 

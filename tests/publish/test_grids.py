@@ -11,6 +11,7 @@ import pytest
 from factories import sample_request
 from PIL import Image
 
+from sidecar.confined import UnsafeEntryError
 from sidecar.errors import SidecarError
 from sidecar.publish.files import write_sample
 from sidecar.publish.grids import (
@@ -158,3 +159,15 @@ def test_compare_grid_unknown_step_names_the_available_ones(tmp_path: Path) -> N
 def test_compare_grid_of_an_empty_folder_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(SidecarError, match="no samples in"):
         compare_grid(tmp_path, steps=None, prompts=None, output=tmp_path / "x.png")
+
+
+def test_step_grid_is_never_written_through_a_linked_step_folder(tmp_path: Path) -> None:
+    """A step folder someone replaced with a link to a folder elsewhere: the grid goes nowhere."""
+    samples, elsewhere = tmp_path / "samples", tmp_path / "elsewhere"
+    make_samples(elsewhere, (500,))
+    samples.mkdir()
+    (samples / "step_000500").symlink_to(elsewhere / "step_000500")
+    before = sorted(path.name for path in (elsewhere / "step_000500").iterdir())
+    with pytest.raises(UnsafeEntryError, match="step_000500` is a symbolic link"):
+        write_step_grid(samples, 500)
+    assert sorted(path.name for path in (elsewhere / "step_000500").iterdir()) == before
