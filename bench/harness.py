@@ -153,7 +153,7 @@ class DaemonHarness:
     def _load_renderer(self) -> Any:
         """What the daemon's default factory does, plus our render-start timestamps."""
         config = load_trainer_config(self.config_path)
-        renderer = open_renderer(config, config.sidecar.merged(device="cpu"))
+        renderer = open_renderer(config, config.sidecar.merged(device="cpu"), build_plan(config))
         renderer.on_event = self._on_render_event
         return renderer
 

@@ -51,9 +51,9 @@ def check(
         memory = check_report(
             config.model_source(),
             dtype=config.sidecar.dtype,
-            pixels=max((r.width * r.height for r in plan.requests), default=1024 * 1024),
+            pixels=plan.largest_pixels,
             batch_size=plan.batch_size,
-            lora_rank=config.network.linear if config.network is not None else None,
+            lora_rank=config.lora_rank,
             gpu=gpu,
             vram=vram,
         )

@@ -74,7 +74,7 @@ def render_command(
             folder,
         )
         return 0
-    renderer = open_renderer(config, settings)
+    renderer = open_renderer(config, settings, plan)
     if not baseline:
         renderer.apply_lora(checkpoint)  # type: ignore[arg-type]
     started = time.perf_counter()

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from sidecar.errors import ModelError
 from sidecar.plan.config import TrainerConfig
-from sidecar.plan.request import SampleRequest
+from sidecar.plan.request import SamplePlan, SampleRequest
 from sidecar.publish.files import SamplePaths, write_sample
 from sidecar.settings import Settings
 
@@ -73,8 +73,9 @@ def render_samples(
     return rendered
 
 
-def open_renderer(config: TrainerConfig, settings: Settings) -> Renderer:
-    """The base model `config` names, loaded and placed as `settings` say.
+def open_renderer(config: TrainerConfig, settings: Settings, plan: SamplePlan) -> Renderer:
+    """The base model `config` names, loaded and placed as `settings` say, its memory mode
+    (`offload auto`) planned for `plan`'s largest sample and batch and the trainer's LoRA rank.
 
     A model that does not load is a `ModelError` located at the config key naming it.
     """
@@ -87,6 +88,9 @@ def open_renderer(config: TrainerConfig, settings: Settings) -> Renderer:
             gpu=settings.render_gpu if settings.device is None else None,
             dtype=settings.dtype,
             offload=settings.offload,
+            pixels=plan.largest_pixels,
+            batch_size=plan.batch_size,
+            lora_rank=config.lora_rank,
         )
     except ModelError as error:
         raise error.located(config.where(f"model.{error.key}")) from error

@@ -204,7 +204,7 @@ def run_watch(
     check_samples_folder(folder, inside=output_dir if settings.output is None else None)
     ignore = (folder.root.absolute(),)  # sidecar's own files are never checkpoints
     gate = slot_gate if slot_gate is not None else build_slot_gate(settings)
-    factory = renderer_factory or (lambda: open_renderer(plans.config, settings))
+    factory = renderer_factory or (lambda: open_renderer(plans.config, settings, plans.plan))
     events: queue.Queue[FileEvent] = queue.Queue()
     started = time.time()
     with process_lock(folder.lock, what=str(folder.root)):

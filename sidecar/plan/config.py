@@ -105,6 +105,11 @@ class TrainerConfig:
             return self.training_folder / self.name
         return None
 
+    @property
+    def lora_rank(self) -> int | None:
+        """The rank the trainer's network has (`network.linear`), where the config says."""
+        return self.network.linear if self.network is not None else None
+
     def model_source(self) -> ModelSource:
         """The base model, as the renderer loads it."""
         model = self.model

@@ -121,6 +121,11 @@ class SamplePlan:
         """What publishing needs besides the requests, as stored with each checkpoint."""
         return {"image_format": self.image_format, "batch_size": self.batch_size}
 
+    @property
+    def largest_pixels(self) -> int:
+        """Width x height of the largest sample: what the memory plan sizes activations for."""
+        return max((request.width * request.height for request in self.requests), default=1024 * 1024)
+
     def requests_for_step(self, step: int | None) -> tuple[SampleRequest, ...]:
         """The requests to store with the checkpoint of `step`: per-step seeds made concrete."""
         return tuple(request.for_step(step) for request in self.requests)

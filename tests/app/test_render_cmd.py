@@ -108,7 +108,7 @@ def test_render_command_needs_a_checkpoint_or_baseline(tmp_path, tiny_models):
 def test_missing_base_model_is_located_in_the_config(tmp_path):
     config = load_trainer_config(write_config(tmp_path, tmp_path / "no-such-model"))
     with pytest.raises(ModelError) as error:
-        open_renderer(config, config.sidecar.merged(device="cpu"))
+        open_renderer(config, config.sidecar.merged(device="cpu"), build_plan(config))
     assert str(error.value).startswith(f"{config.path}:9 config.process[0].model.name_or_path: no such file")
 
 
@@ -119,7 +119,7 @@ def test_missing_vae_file_names_its_key_and_line(tmp_path, tiny_models):
     with pytest.raises(
         ModelError, match=r"train\.yaml:\d+ config\.process\[0\]\.model\.vae_path: no such file"
     ):
-        open_renderer(config, config.sidecar.merged(device="cpu"))
+        open_renderer(config, config.sidecar.merged(device="cpu"), build_plan(config))
 
 
 def test_step_comes_from_the_file_name_or_its_metadata(tmp_path, tiny_models):
@@ -144,7 +144,7 @@ def test_step_comes_from_the_file_name_or_its_metadata(tmp_path, tiny_models):
 
 def test_the_plan_of_a_real_config_renders_through_the_renderer(tmp_path, tiny_models):
     config = load_trainer_config(write_config(tmp_path, tiny_models["sdxl"]))
-    renderer = open_renderer(config, config.sidecar.merged(device="cpu"))
+    renderer = open_renderer(config, config.sidecar.merged(device="cpu"), build_plan(config))
     assert renderer.placement is not None and renderer.placement.mode == "none"
     rendered = render_samples(renderer, build_plan(config).requests, samples_dir=tmp_path / "s", step=0)
     assert len(rendered) == 2
