@@ -17,6 +17,7 @@ from sidecar.errors import ModelError
 from sidecar.plan.config import TrainerConfig
 from sidecar.plan.request import SamplePlan, SampleRequest
 from sidecar.publish.files import SamplePaths, write_sample
+from sidecar.publish.video import write_video_sample
 from sidecar.settings import Settings
 
 if TYPE_CHECKING:  # the render stage loads torch and diffusers; imported where a render happens
@@ -43,7 +44,8 @@ def render_samples(
     should_stop: Callable[[], bool] = lambda: False,
     on_sample: Callable[[RenderedSample], None] = lambda sample: None,
 ) -> list[RenderedSample]:
-    """Render `requests` with the renderer's current LoRA and write each image.
+    """Render `requests` with the renderer's current LoRA and write each image (a video model's
+    frames as a video sample: `publish/video.py`).
 
     `should_stop` is asked after every image; when it says so, the images written so
     far are kept and the rest are left for later (the job store knows which). A CUDA
@@ -52,17 +54,13 @@ def render_samples(
     lora_name = renderer.lora.path.name if renderer.lora is not None else None
     rendered: list[RenderedSample] = []
     started = time.perf_counter()
-    for request, image in renderer.render_resilient(requests, batch_size=batch_size):
-        paths = write_sample(
-            samples_dir,
-            step,
-            request,
-            image,
-            image_format=image_format,
-            base_model=renderer.base_model,
-            lora_name=lora_name,
-            arch=renderer.spec.name,
-        )
+    for request, output in renderer.render_resilient(requests, batch_size=batch_size):
+        labels = {"base_model": renderer.base_model, "lora_name": lora_name, "arch": renderer.spec.name}
+        if isinstance(output, list):  # a video model's frames: animated WebP, MP4 and .txt
+            video = write_video_sample(samples_dir, step, request, output, **labels)  # type: ignore[arg-type]
+            paths = SamplePaths(image=video.image, text=video.text)
+        else:
+            paths = write_sample(samples_dir, step, request, output, image_format=image_format, **labels)  # type: ignore[arg-type]
         now = time.perf_counter()
         sample = RenderedSample(request=request, paths=paths, seconds=now - started)
         started = now

@@ -54,6 +54,7 @@ EXIF_USER_COMMENT = 0x9286
 USER_COMMENT_UNICODE = b"UNICODE\x00"  # EXIF character code: UTF-16 follows
 USER_COMMENT_ASCII = b"ASCII\x00\x00\x00"
 MAX_EXIF_BYTES = 65_533  # one JPEG APP1 segment; longer EXIF cannot be stored
+VIDEO_SUFFIX = ".mp4"  # beside an animated sample's WebP (`sidecar.publish.video`)
 MODEL_FILE_SUFFIXES = {".safetensors", ".ckpt", ".sft", ".gguf", ".pt", ".pth", ".bin"}
 
 # Temp files: hidden, named after their target (`sidecar.confined`), so a killed process leaves
@@ -62,7 +63,7 @@ NOTE_PREFIX = "sidecar note: "  # a line of the `.txt` that is not part of the p
 # Write errors that pass (disk full, quota, I/O error, busy file), retried after each wait (s).
 TRANSIENT_WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EBUSY, errno.EAGAIN})
 WRITE_RETRY_SECONDS = (0.5, 1.0, 2.0, 4.0)
-_TEMP_NAME = re.compile(r"^\.sample_\d+\.(?:png|jpg|webp|txt)\.[0-9a-f]+\.tmp$")
+_TEMP_NAME = re.compile(r"^\.sample_\d+\.(?:png|jpg|webp|mp4|txt)\.[0-9a-f]+\.tmp$")
 
 
 class SampleWriteError(TransientError):
@@ -275,26 +276,42 @@ def write_sample(
     paths = sample_paths(samples_dir, step, request.index, key)
     text = infotext(request, base_model=base_model, lora_name=lora_name, step=step, arch=arch)
     encode = _encode_image(image, IMAGE_FORMATS[key][0], text)
+
+    def write() -> None:
+        write_prompt_file(samples_dir, paths.text, request.prompt, note=note)
+        atomic_write(paths.image, encode, root=samples_dir)
+
+    write_retrying(paths.image, write, retry_seconds=retry_seconds, sleep=sleep)
+    return paths
+
+
+def write_retrying(
+    target: Path,
+    write: Callable[[], None],
+    *,
+    retry_seconds: Sequence[float] | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> None:
+    """Run `write` (a sample's atomic writes, its main file `target` last), again after each wait in
+    `retry_seconds` on a transient error; then `SampleWriteError`. Nothing half-written is left."""
     waits = list(WRITE_RETRY_SECONDS if retry_seconds is None else retry_seconds)
     tries = len(waits) + 1
     while True:
         try:
-            write_prompt_file(samples_dir, paths.text, request.prompt, note=note)
-            atomic_write(paths.image, encode, root=samples_dir)
+            write()
             break
         except OSError as error:
             if not is_transient_write_error(error):
                 raise
             if not waits:
                 raise SampleWriteError(
-                    f"cannot write {paths.image}: {error.strerror or error} (tried {tries} times); "
+                    f"cannot write {target}: {error.strerror or error} (tried {tries} times); "
                     "nothing half-written is left, and the sample is rendered again later"
                 ) from error
             wait = waits.pop(0)
-            logger.warning("cannot write %s (%s); trying again in %.1f s", paths.image, error.strerror, wait)
+            logger.warning("cannot write %s (%s); trying again in %.1f s", target, error.strerror, wait)
             sleep(wait)
-    logger.debug("wrote %s", paths.image)
-    return paths
+    logger.debug("wrote %s", target)
 
 
 def write_prompt_file(samples_dir: Path, path: Path, prompt: str, *, note: str | None = None) -> None:
@@ -331,15 +348,20 @@ def link_sample(
             if source_folder.kind(source.name) is None:
                 return None
             write_prompt_file(samples_dir, paths.text, request.prompt, note=note)
+            # A video sample's MP4 (`publish/video.py`) first: its image on disk means it is complete.
+            companion = source.with_suffix(VIDEO_SUFFIX).name
+            names = [companion] if source_folder.kind(companion) == "file" else []
             with top.folders(paths.image.parent.relative_to(root).parts) as folder:
-                try:
-                    folder.link_atomic(source_folder, source.name, paths.image.name)
-                except FileNotFoundError:
-                    return None
-                except OSError as error:  # EPERM, EXDEV, EMLINK: no hard link here; a copy will do
-                    logger.debug("cannot hard-link %s (%s); copying it", source, error)
-                    data = source_folder.read_bytes(source.name)
-                    folder.write_atomic(paths.image.name, lambda handle: handle.write(data))
+                for name in [*names, source.name]:
+                    target = paths.image.with_suffix(Path(name).suffix).name
+                    try:
+                        folder.link_atomic(source_folder, name, target)
+                    except FileNotFoundError:
+                        return None
+                    except OSError as error:  # EPERM, EXDEV, EMLINK: no hard link here; a copy will do
+                        logger.debug("cannot hard-link %s (%s); copying it", name, error)
+                        data = source_folder.read_bytes(name)
+                        folder.write_atomic(target, lambda handle, data=data: handle.write(data))
     return paths
 
 

@@ -30,7 +30,7 @@ from urllib.parse import quote
 from PIL import Image
 
 from sidecar.confined import ConfinedFolder
-from sidecar.publish.files import NOTE_PREFIX, atomic_write, read_infotext
+from sidecar.publish.files import NOTE_PREFIX, VIDEO_SUFFIX, atomic_write, read_infotext
 from sidecar.settings import BASELINE_STEP, SamplesFolder
 
 logger = logging.getLogger("sidecar.publish")
@@ -160,6 +160,8 @@ def read_sample_info(image: Path) -> SampleInfo:
     except (OSError, UnicodeDecodeError):
         lines = []
     prompt = "\n".join(line for line in lines if not line.startswith(NOTE_PREFIX)).strip()
+    if prompt and image.with_suffix(VIDEO_SUFFIX).is_file():  # a video's `.txt` holds its whole infotext
+        prompt = parse_infotext(prompt).prompt
     if prompt:
         info = SampleInfo(prompt=prompt, negative_prompt=info.negative_prompt, params=info.params)
     return info

@@ -1,0 +1,142 @@
+"""Video samples: animated WebP + H.264 MP4 + `.txt`, atomic, with their settings where each can hold them."""
+
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+from PIL import Image
+
+from sidecar.plan.request import SampleRequest
+from sidecar.publish.files import SampleWriteError, read_infotext, remove_stale_temp_files
+from sidecar.publish.gallery import find_samples, read_sample_info
+from sidecar.publish.video import (
+    animation_fps,
+    frame_count,
+    frame_index,
+    load_frame,
+    load_frames,
+    write_video_sample,
+)
+
+REQUEST = SampleRequest(
+    index=3,
+    prompt="a fox, running",
+    negative_prompt="blurry",
+    width=48,
+    height=32,
+    steps=2,
+    guidance_scale=5.0,
+    true_cfg_scale=1.0,
+    sampler="flowmatch",
+    seed=7,
+    strength=0.8,
+    num_frames=5,
+    fps=8,
+)
+LABELS = {"base_model": "/models/Wan2.1-T2V-1.3B-Diffusers", "lora_name": "my_lora_000000500.safetensors"}
+
+
+def frames(count: int = 5, size: tuple[int, int] = (48, 32)) -> list[Image.Image]:
+    """Frames of flat colours far apart, so lossy codecs keep them recognisable."""
+    return [Image.new("RGB", size, (40 * i + 20, 200 - 40 * i, 90)) for i in range(count)]
+
+
+def write(tmp_path: Path, **options):
+    return write_video_sample(tmp_path, 500, REQUEST, frames(), arch="wan", **LABELS, **options)
+
+
+def test_a_video_sample_is_an_animated_webp_an_mp4_and_its_txt(tmp_path):
+    paths = write(tmp_path)
+    folder = tmp_path / "step_000500"
+    assert sorted(p.name for p in folder.iterdir()) == ["sample_03.mp4", "sample_03.txt", "sample_03.webp"]
+    assert paths.image == folder / "sample_03.webp" and paths.video == folder / "sample_03.mp4"
+    assert frame_count(paths.image) == 5
+    assert animation_fps(paths.image) == 8
+    with Image.open(paths.image) as image:
+        assert image.info.get("loop") == 0  # loops forever
+    for number, frame in enumerate(load_frames(paths.image)):
+        expected = np.asarray(frames()[number], dtype=int)
+        assert np.abs(np.asarray(frame, dtype=int) - expected).max() < 12
+    with av.open(str(paths.video)) as container:
+        stream = container.streams.video[0]
+        assert stream.codec_context.name == "h264"
+        assert (stream.width, stream.height, stream.average_rate) == (48, 32, 8)
+        decoded = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+    assert len(decoded) == 5
+    for number, frame in enumerate(decoded):
+        assert np.abs(frame.astype(int) - np.asarray(frames()[number], dtype=int)).max() < 12
+
+
+def test_the_settings_frames_and_fps_go_where_each_container_holds_them(tmp_path):
+    paths = write(tmp_path)
+    text = read_infotext(paths.image)  # the WebP's EXIF UserComment, as A1111 writes it
+    assert text.startswith("a fox, running\nNegative prompt: blurry\nSteps: 2, Sampler: Euler, CFG scale: 5")
+    assert text.endswith("Frames: 5, FPS: 8")
+    assert "Lora: my_lora_000000500.safetensors, Lora strength: 0.8, Step: 500" in text
+    with av.open(str(paths.video)) as container:
+        assert container.metadata["comment"] == text
+    assert paths.text.read_text(encoding="utf-8") == text + "\n"  # the .txt always has it
+    info = read_sample_info(paths.image)
+    assert info.prompt == "a fox, running"
+    assert (info.params["Frames"], info.params["FPS"], info.seed) == ("5", "8", "7")
+
+
+def test_odd_sizes_are_padded_for_h264(tmp_path):
+    paths = write_video_sample(
+        tmp_path, 1, REQUEST, frames(size=(33, 17)), arch="wan", base_model="m", lora_name=None
+    )
+    with av.open(str(paths.video)) as container:
+        assert (container.streams.video[0].width, container.streams.video[0].height) == (34, 18)
+    assert Image.open(paths.image).size == (33, 17)
+
+
+def test_frames_are_chosen_by_name_or_index(tmp_path):
+    paths = write(tmp_path)
+    assert [frame_index(choice, 5) for choice in ("first", "middle", "last", 1)] == [0, 2, 4, 1]
+    middle = np.asarray(load_frame(paths.image, "middle"), dtype=int)
+    assert np.abs(middle - np.asarray(frames()[2], dtype=int)).max() < 12
+    with pytest.raises(ValueError, match="`frame` must be one of first, middle, last"):
+        frame_index("centre", 5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"`frame` must be in 0\.\.4, got 5"):
+        frame_index(5, 5)
+    still = tmp_path / "still.png"
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(still)
+    assert frame_count(still) == 1 and load_frame(still, "last").getpixel((0, 0)) == (1, 2, 3)
+
+
+def test_a_full_disk_leaves_no_half_file_and_is_retried(tmp_path, monkeypatch):
+    import sidecar.publish.video as video
+
+    calls = {"n": 0}
+    real = video.encode_mp4
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(video, "encode_mp4", flaky)
+    paths = write(tmp_path, retry_seconds=[0.0], sleep=lambda seconds: None)
+    assert paths.video.is_file() and frame_count(paths.image) == 5
+    assert not [p for p in (tmp_path / "step_000500").iterdir() if p.name.startswith(".")]
+
+    monkeypatch.setattr(video, "encode_mp4", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EIO, "I/O")))
+    with pytest.raises(SampleWriteError, match="nothing half-written is left"):
+        write_video_sample(
+            tmp_path, 600, REQUEST, frames(), arch="wan", retry_seconds=[], sleep=lambda s: None, **LABELS
+        )
+    assert not (tmp_path / "step_000600" / "sample_03.webp").exists()  # no WebP: the sample is not there
+    assert 600 not in find_samples(tmp_path)
+    assert not [p for p in (tmp_path / "step_000600").iterdir() if p.suffix in (".mp4", ".tmp")]
+
+
+def test_stale_mp4_temp_files_are_cleaned(tmp_path):
+    folder = tmp_path / "step_000500"
+    folder.mkdir()
+    (folder / ".sample_00.mp4.0a1b2c.tmp").write_bytes(b"half")
+    assert remove_stale_temp_files(tmp_path) == 1
