@@ -210,6 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
     grid.add_argument(
         "--thumb-size", type=int, default=None, help="long side of a cell in px (default: as rendered)"
     )
+    grid.add_argument(
+        "--frames",
+        type=_frame_list,
+        default=["middle"],
+        help="video samples: frames side by side per cell, e.g. first,middle,last or 0,40 (default: middle)",
+    )
 
     gallery = commands.add_parser("gallery", help="rebuild SAMPLES_DIR/index.html", parents=[logging_options])
     gallery.add_argument("samples_dir", type=Path, metavar="SAMPLES_DIR")
@@ -237,6 +243,23 @@ def _int_list(value: str) -> list[int]:
         return [int(part) for part in value.split(",") if part.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {value!r}") from None
+
+
+def _frame_list(value: str) -> list[str | int]:
+    """`first,middle,last` or 0-based frame indexes, mixed as one likes."""
+    frames: list[str | int] = []
+    for part in (part.strip().lower() for part in value.split(",")):
+        if part.isdigit():
+            frames.append(int(part))
+        elif part in ("first", "middle", "last"):
+            frames.append(part)
+        elif part:
+            raise argparse.ArgumentTypeError(
+                f"`--frames` takes first, middle, last or frame numbers, got {part!r}"
+            )
+    if not frames:
+        raise argparse.ArgumentTypeError(f"`--frames` names no frame: {value!r}")
+    return frames
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -361,6 +384,7 @@ def cmd_grid(args: argparse.Namespace) -> int:
             prompts=args.prompts,
             output=args.output,
             thumb_size=args.thumb_size,
+            frames=args.frames,
         )
     )
     return EXIT_OK

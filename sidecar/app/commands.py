@@ -78,11 +78,16 @@ def grid(
     prompts: Sequence[int] | None,
     output: Path,
     thumb_size: int | None,
+    frames: Sequence[str | int] = ("middle",),
 ) -> str:
-    """`sidecar grid SAMPLES_DIR`: chosen steps x prompts in one image."""
+    """`sidecar grid SAMPLES_DIR`: chosen steps x prompts in one image (video samples: `frames`)."""
     from sidecar.publish.grids import compare_grid
 
-    return str(compare_grid(folder, steps=steps, prompts=prompts, output=output, thumb_size=thumb_size))
+    return str(
+        compare_grid(
+            folder, steps=steps, prompts=prompts, output=output, thumb_size=thumb_size, frames=frames
+        )  # type: ignore[arg-type]
+    )
 
 
 def gallery(folder: Path) -> str:

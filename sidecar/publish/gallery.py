@@ -2,6 +2,10 @@
 
 People judge a LoRA by the same prompt across steps, so the page puts them side by side:
 the baseline (step 0, the base model without LoRA) first, then every checkpoint in order.
+A video sample's cell plays its animated thumbnail in place (an animated WebP: it starts by
+itself, silent, looping) and links its MP4. An `<img>` rather than `<video autoplay muted
+loop>`: a page of a few hundred cells would pass the number of media players a browser keeps
+alive at once (Chromium's is 75), and lazy loading works for images only.
 The page is one file with inline CSS and a few lines of optional inline JS; every link is
 relative, so it works from `file://`, from any static web server and from a copied folder,
 and it makes no network request. Thumbnails (WebP, `THUMB_SIZE_PX` on the long side) live in
@@ -31,6 +35,7 @@ from PIL import Image
 
 from sidecar.confined import ConfinedFolder
 from sidecar.publish.files import NOTE_PREFIX, VIDEO_SUFFIX, atomic_write, read_infotext
+from sidecar.publish.video import animation_fps, encode_webp, frame_count, load_frames
 from sidecar.settings import BASELINE_STEP, SamplesFolder
 
 logger = logging.getLogger("sidecar.publish")
@@ -196,13 +201,19 @@ def ensure_thumbnail(samples_dir: Path, image: Path) -> Path:
     fresh = found is not None and stat.S_ISREG(found.st_mode) and found.st_size > 0
     if fresh and found.st_mtime >= _mtime(image):  # type: ignore[union-attr]
         return thumb
-    with Image.open(image) as source:
-        source.draft("RGB", (THUMB_SIZE_PX, THUMB_SIZE_PX))  # JPEG: decode at reduced size
-        small = source.convert("RGBA" if "A" in source.getbands() else "RGB")
-    small.thumbnail((THUMB_SIZE_PX, THUMB_SIZE_PX), Image.Resampling.LANCZOS)  # never enlarges
-    buffer = io.BytesIO()
-    small.save(buffer, format="WEBP", quality=THUMB_QUALITY)
-    data = buffer.getvalue()
+    if frame_count(image) > 1:  # a video sample: an animated thumbnail that plays in place
+        frames = load_frames(image)
+        for frame in frames:
+            frame.thumbnail((THUMB_SIZE_PX, THUMB_SIZE_PX), Image.Resampling.LANCZOS)
+        data = encode_webp(frames, fps=animation_fps(image), quality=THUMB_QUALITY)
+    else:
+        with Image.open(image) as source:
+            source.draft("RGB", (THUMB_SIZE_PX, THUMB_SIZE_PX))  # JPEG: decode at reduced size
+            small = source.convert("RGBA" if "A" in source.getbands() else "RGB")
+        small.thumbnail((THUMB_SIZE_PX, THUMB_SIZE_PX), Image.Resampling.LANCZOS)  # never enlarges
+        buffer = io.BytesIO()
+        small.save(buffer, format="WEBP", quality=THUMB_QUALITY)
+        data = buffer.getvalue()
     # No fsync (`durable=False`): a thumbnail is a cache (a thousand fsyncs would make the first
     # build slow), and one lost to a crash is made again.
     with ConfinedFolder.open(samples_dir) as top, top.folders((THUMBS_DIR, thumb.parent.name)) as folder:
@@ -265,6 +276,9 @@ th.base { background: #24262e; }
 td { min-width: calc(var(--thumb) + 8px); }
 td img { display: block; width: var(--thumb); height: var(--thumb); object-fit: contain; }
 td.missing { color: #55565e; text-align: center; vertical-align: middle; }
+.video { position: relative; }
+.video .mp4 { position: absolute; right: 2px; bottom: 2px; padding: 0 4px; font-size: 11px;
+  background: rgba(0, 0, 0, 0.6); color: #e6e6e6; border-radius: 3px; text-decoration: none; }
 """.strip()
 
 # Optional: a slider for the thumbnail size. The page is complete without it.
@@ -283,7 +297,7 @@ def _csp(script: str) -> str:
     in a prompt can run and the page never reaches the network."""
     digest = base64.b64encode(hashlib.sha256(script.encode("utf-8")).digest()).decode("ascii")
     return (
-        "default-src 'none'; img-src 'self' file:; style-src 'unsafe-inline'; "
+        "default-src 'none'; img-src 'self' file:; media-src 'self' file:; style-src 'unsafe-inline'; "
         f"script-src 'sha256-{digest}'; base-uri 'none'; form-action 'none'"
     )
 
@@ -306,7 +320,7 @@ def render_page(
     *,
     title: str,
 ) -> str:
-    """The HTML of the gallery (pure: reads nothing from disk but `grid.png`'s presence)."""
+    """The HTML of the gallery (pure: reads nothing from disk but `grid.png`'s and MP4s' presence)."""
     steps = list(samples)
     prompt_indexes = sorted({index for images in samples.values() for index in images})
     out: list[str] = [
@@ -348,10 +362,15 @@ def render_page(
                 out.append('<td class="missing" title="not rendered (yet)">missing</td>')
                 continue
             alt = html.escape(f"#{index:02d} {step_label(step)}")
-            out.append(
-                f'<td><a href="{_href(samples_dir, image)}"><img src="{_href(samples_dir, thumbs[image])}"'
-                f' loading="lazy" alt="{alt}"></a></td>'
+            cell = (
+                f'<a href="{_href(samples_dir, image)}"><img src="{_href(samples_dir, thumbs[image])}"'
+                f' loading="lazy" alt="{alt}"></a>'
             )
+            video = image.with_suffix(VIDEO_SUFFIX)
+            if video.is_file():  # the animated thumbnail plays in place; the MP4 for players
+                mp4 = f'<a class="mp4" href="{_href(samples_dir, video)}">MP4</a>'
+                cell = f'<div class="video">{cell}{mp4}</div>'
+            out.append(f"<td>{cell}</td>")
         out.append("</tr>")
     out.append(f"</tbody></table></div>\n<script>{_SCRIPT_BODY}</script>\n</body></html>\n")
     return "\n".join(out)

@@ -26,6 +26,7 @@ from sidecar.publish.gallery import (
     read_sample_info,
     step_label,
 )
+from sidecar.publish.video import FrameChoice, frame_count, load_frame
 from sidecar.settings import BASELINE_STEP
 
 logger = logging.getLogger("sidecar.publish")
@@ -120,9 +121,17 @@ def _wrap(text: str, font: _Font, width: int, max_lines: int) -> list[str]:
     return [_fit_text(line, font, width) for line in lines]
 
 
-def _load_rgb(path: Path) -> Image.Image:
-    with Image.open(path) as image:
-        return image.convert("RGB")
+def _load_rgb(path: Path, frames: Sequence[FrameChoice | int] = ("middle",)) -> Image.Image:
+    """A sample as one picture: a still image as it is, a video's chosen frames side by side."""
+    if frame_count(path) == 1:
+        return load_frame(path)
+    chosen = [load_frame(path, frame) for frame in frames]
+    strip = Image.new(
+        "RGB", (sum(f.width for f in chosen) + PADDING_PX * (len(chosen) - 1), chosen[0].height)
+    )
+    for number, frame in enumerate(chosen):
+        strip.paste(frame, (number * (frame.width + PADDING_PX), 0))
+    return strip
 
 
 def _fit(image: Image.Image, max_px: int | None) -> Image.Image:
@@ -192,8 +201,8 @@ def write_step_grid(
     requests: Sequence[SampleRequest] | None = None,
     max_cell_px: int | None = STEP_GRID_MAX_CELL_PX,
 ) -> Path:
-    """Write `step_XXXXXX/grid.png`: every sample of `step`, captioned with prompt index, seed
-    and LoRA strength; returns its path.
+    """Write `step_XXXXXX/grid.png`: every sample of `step` (a video's middle frame), captioned
+    with prompt index, seed and LoRA strength; returns its path.
 
     Captions come from `requests` when given (the daemon has them at hand), else from each
     image's infotext. Columns: about the square root of the sample count, so the sheet stays
@@ -241,12 +250,15 @@ def compare_grid(
     prompts: Sequence[int] | None,
     output: Path,
     thumb_size: int | None = None,
+    frames: Sequence[FrameChoice | int] = ("middle",),
 ) -> Path:
     """One image of `steps` (columns) x `prompts` (rows), labelled, to share; returns `output`.
 
     `steps` / `prompts` None: all there are. `thumb_size`: the long side of each cell in px;
-    None keeps the samples' own size. A sample missing on disk gets a marked empty cell and a
-    warning; a step or prompt index that does not exist at all is an error naming those that do.
+    None keeps the samples' own size. `frames`: which frames of a video sample its cell shows,
+    side by side (`first`, `middle`, `last` or 0-based indexes); a still image shows itself. A
+    sample missing on disk gets a marked empty cell and a warning; a step or prompt index that does
+    not exist at all is an error naming those that do.
     """
     samples = find_samples(samples_dir)
     if not samples:
@@ -280,7 +292,10 @@ def compare_grid(
                 logger.warning("prompt %d has no sample at step %d; its cell is left empty", index, step)
                 cells[index, step] = None
             else:
-                cells[index, step] = _fit(_load_rgb(path), thumb_size)
+                try:
+                    cells[index, step] = _fit(_load_rgb(path, frames), thumb_size)
+                except ValueError as error:  # a frame index past a video's end
+                    raise SidecarError(f"{path}: {error}") from error
     present = [image for image in cells.values() if image is not None]
     cell_w = max(image.width for image in present)
     cell_h = max(image.height for image in present)

@@ -2,7 +2,8 @@
 
 Events are written with the `tensorboard` package's own `EventFileWriter` (what torch's
 `SummaryWriter` uses underneath) as classic image summaries, which every TensorBoard shows
-in its Images tab. `tensorboard` is an optional extra: it is imported only when a sink is made.
+in its Images tab; a video sample as an animated GIF there, as torch's `add_video` does.
+`tensorboard` is an optional extra: it is imported only when a sink is made.
 
 Where the events go (`tensorboard_dir`):
 - the trainer config names a `log_dir` (ai-toolkit: on the process, else on the job): into
@@ -32,6 +33,7 @@ from PIL import Image
 
 from sidecar.errors import SidecarError
 from sidecar.plan.request import SampleRequest
+from sidecar.publish.video import animation_fps, frame_count, load_frames
 
 logger = logging.getLogger("sidecar.publish")
 
@@ -87,17 +89,43 @@ class TensorBoardSink:
         self._closed = False
 
     def _image_value(self, tag: str, path: Path) -> Any:
+        if frame_count(path) > 1:
+            return self._video_value(tag, path)
         with Image.open(path) as source:
             image = source.convert("RGBA" if "A" in source.getbands() else "RGB")
-        if self.max_size_px is not None and max(image.size) > self.max_size_px:
-            image.thumbnail((self.max_size_px, self.max_size_px), Image.Resampling.LANCZOS)
+        image = self._fit(image)
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
+        return self._value(tag, image, buffer.getvalue())
+
+    def _video_value(self, tag: str, path: Path) -> Any:
+        """A video sample as an animated GIF image summary: what torch's `SummaryWriter.add_video`
+        writes, and what TensorBoard's Images tab plays (it serves GIF, not WebP or MP4)."""
+        frames = [self._fit(frame) for frame in load_frames(path)]
+        buffer = io.BytesIO()
+        first, *rest = frames
+        first.save(
+            buffer,
+            format="GIF",
+            save_all=True,
+            append_images=rest,
+            duration=round(1000 / animation_fps(path)),
+            loop=0,
+        )
+        return self._value(tag, first, buffer.getvalue())
+
+    def _fit(self, image: Image.Image) -> Image.Image:
+        if self.max_size_px is not None and max(image.size) > self.max_size_px:
+            image = image.copy()
+            image.thumbnail((self.max_size_px, self.max_size_px), Image.Resampling.LANCZOS)
+        return image
+
+    def _value(self, tag: str, image: Image.Image, data: bytes) -> Any:
         encoded = self._summary_pb2.Summary.Image(
             height=image.height,
             width=image.width,
             colorspace=len(image.getbands()),  # 3 RGB, 4 RGBA
-            encoded_image_string=buffer.getvalue(),
+            encoded_image_string=data,
         )
         return self._summary_pb2.Summary.Value(tag=tag, image=encoded)
 

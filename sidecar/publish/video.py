@@ -72,7 +72,9 @@ def video_infotext(request: SampleRequest, frame_count: int, **options: object) 
     return f"{infotext(request, **options)}, Frames: {frame_count}, FPS: {fps_of(request)}"  # type: ignore[arg-type]
 
 
-def encode_webp(frames: Sequence[Image.Image], *, fps: int, text: str | None = None) -> bytes:
+def encode_webp(
+    frames: Sequence[Image.Image], *, fps: float, text: str | None = None, quality: int = WEBP_QUALITY
+) -> bytes:
     """An animated WebP that loops forever, `text` in its EXIF UserComment."""
     first, *rest = [frame.convert("RGB") for frame in frames]
     exif = _exif_with_comment(text) if text else None
@@ -84,7 +86,7 @@ def encode_webp(frames: Sequence[Image.Image], *, fps: int, text: str | None = N
         append_images=rest,
         duration=round(1000 / fps),  # ms per frame
         loop=0,
-        quality=WEBP_QUALITY,
+        quality=quality,
         method=WEBP_METHOD,
         **({"exif": exif} if exif else {}),
     )

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
+import io
 from pathlib import Path
 
 import av
@@ -10,9 +12,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from sidecar.cli import main
+from sidecar.errors import SidecarError
 from sidecar.plan.request import SampleRequest
-from sidecar.publish.files import SampleWriteError, read_infotext, remove_stale_temp_files
-from sidecar.publish.gallery import find_samples, read_sample_info
+from sidecar.publish.files import SampleWriteError, read_infotext, remove_stale_temp_files, write_sample
+from sidecar.publish.gallery import build_gallery, find_samples, read_sample_info
+from sidecar.publish.grids import compare_grid, write_step_grid
+from sidecar.publish.step import publish_step
 from sidecar.publish.video import (
     animation_fps,
     frame_count,
@@ -140,3 +146,127 @@ def test_stale_mp4_temp_files_are_cleaned(tmp_path):
     folder.mkdir()
     (folder / ".sample_00.mp4.0a1b2c.tmp").write_bytes(b"half")
     assert remove_stale_temp_files(tmp_path) == 1
+
+
+# ---------------------------------------------------------------------------------
+# The views: step grid, compare grid, gallery, TensorBoard
+# ---------------------------------------------------------------------------------
+
+
+def write_steps(samples_dir: Path, steps=(0, 500)) -> None:
+    still = dataclasses.replace(REQUEST, index=1, num_frames=1)
+    for step in steps:
+        write_video_sample(samples_dir, step, REQUEST, frames(), arch="wan", **LABELS)
+        write_sample(samples_dir, step, still, frames(1)[0], image_format="webp", arch="wan", **LABELS)
+
+
+def test_the_step_grid_shows_each_video_samples_middle_frame(tmp_path):
+    write_steps(tmp_path, steps=(500,))
+    grid = np.asarray(Image.open(write_step_grid(tmp_path, 500)), dtype=int)
+    middle = np.asarray(frames()[2], dtype=int)[0, 0]
+    first = np.asarray(frames()[0], dtype=int)[0, 0]
+    cell = grid[8 + 16, 8 + 48 + 8 + 24]  # the centre of the second cell (#03; #01 is the still one)
+    assert np.abs(cell - middle).max() < 12 and np.abs(cell - first).max() > 40
+
+
+def test_the_compare_grid_lays_out_the_chosen_frames(tmp_path):
+    write_steps(tmp_path)
+    one = Image.open(compare_grid(tmp_path, steps=[500], prompts=[3], output=tmp_path / "one.png"))
+    three = Image.open(
+        compare_grid(
+            tmp_path,
+            steps=[500],
+            prompts=[3],
+            output=tmp_path / "three.png",
+            frames=["first", "middle", "last"],
+        )
+    )
+    assert three.width - one.width == 2 * (48 + 8)  # two more frames, each with its padding
+    cli = ["grid", str(tmp_path), "--steps", "500", "--prompts", "3", "--frames", "first,last"]
+    assert main([*cli, "-o", str(tmp_path / "cli.png")]) == 0
+    assert Image.open(tmp_path / "cli.png").width == one.width + 48 + 8
+    with pytest.raises(SidecarError, match=r"`frame` must be in 0\.\.4, got 9"):
+        compare_grid(tmp_path, steps=[500], prompts=[3], output=tmp_path / "x.png", frames=[9])
+    with pytest.raises(SystemExit):
+        main(["grid", str(tmp_path), "--frames", "centre", "-o", str(tmp_path / "bad.png")])
+
+
+def test_the_gallery_plays_a_video_cell_in_place_and_links_its_mp4(tmp_path):
+    write_steps(tmp_path)
+    page = build_gallery(tmp_path).read_text(encoding="utf-8")
+    assert '<a class="mp4" href="step_000500/sample_03.mp4">MP4</a>' in page
+    assert page.count('class="mp4"') == 2  # the two video cells; the still sample has none
+    assert "media-src 'self' file:" in page
+    thumb = tmp_path / ".thumbs" / "step_000500" / "sample_03.webp"
+    assert frame_count(thumb) == 5 and animation_fps(thumb) == 8  # an animated thumbnail
+    assert frame_count(tmp_path / ".thumbs" / "step_000500" / "sample_01.webp") == 1
+
+
+CHECK_VIDEO = """
+window.addEventListener("load", () => {
+  const video = document.createElement("video");
+  video.muted = true;
+  const report = (state) => {
+    const out = document.createElement("pre");
+    out.id = "check";
+    out.textContent = JSON.stringify(state);
+    document.body.append(out);
+  };
+  video.addEventListener("loadeddata", () => report({width: video.videoWidth, ready: video.readyState,
+    thumbs: [...document.images].map((image) => image.naturalWidth)}));
+  video.addEventListener("error", () => report({error: String(video.error && video.error.code)}));
+  video.src = document.querySelector("a.mp4").getAttribute("href");
+});
+"""
+
+
+def test_a_video_cell_decodes_in_headless_chromium(tmp_path):
+    import base64
+    import hashlib
+    import html
+    import json
+    import re
+    import shutil
+    import subprocess
+
+    binary = shutil.which("chromium") or shutil.which("chromium-browser")
+    if binary is None:
+        pytest.skip("chromium not found (Debian: apt-get install -y chromium)")
+    write_steps(tmp_path / "samples")
+    page = build_gallery(tmp_path / "samples")
+    body = f"\n{CHECK_VIDEO}\n"
+    digest = base64.b64encode(hashlib.sha256(body.encode()).digest()).decode()
+    source = page.read_text(encoding="utf-8").replace("script-src ", f"script-src 'sha256-{digest}' ")
+    source = source.replace('loading="lazy"', 'loading="eager"').replace(
+        "</body>", f"<script>{body}</script></body>"
+    )
+    check = page.with_name("check.html")
+    check.write_text(source, encoding="utf-8")
+    dumped = subprocess.run(
+        [binary, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-extensions",
+         f"--user-data-dir={tmp_path / 'profile'}", "--autoplay-policy=no-user-gesture-required",
+         "--virtual-time-budget=5000", "--dump-dom", check.as_uri()],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    match = re.search(r'<pre id="check">(.*?)</pre>', dumped.stdout, re.S)
+    assert match, f"no check result; chromium said: {dumped.stderr[-2000:]}"
+    result = json.loads(html.unescape(match.group(1)))
+    assert result.get("width") == 48 and result["ready"] >= 2, result  # the MP4 decoded: H.264 in Chromium
+    assert all(width > 0 for width in result["thumbs"]) and len(result["thumbs"]) == 4
+
+
+def test_tensorboard_gets_each_video_sample_as_an_animated_gif(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from sidecar.publish.tensorboard import TensorBoardSink, sample_tag
+
+    write_steps(tmp_path / "samples", steps=(500,))
+    with TensorBoardSink(tmp_path / "tb") as sink:
+        publish_step(tmp_path / "samples", 500, [REQUEST], tensorboard=sink)
+    events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0})
+    events.Reload()
+    [image] = events.Images(sample_tag(REQUEST))
+    assert image.step == 500
+    with Image.open(io.BytesIO(image.encoded_image_string)) as gif:
+        assert gif.format == "GIF" and gif.n_frames == 5 and gif.size == (48, 32)
