@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     watch = commands.add_parser(
         "watch", help="watch a trainer's output folder and render each checkpoint", parents=[logging_options]
     )
-    watch.add_argument("output_dir", type=Path, metavar="OUTPUT_DIR")
+    watch.add_argument("output_dir", type=Path, metavar="OUTPUT_DIR", nargs="?", default=None)
     config_options(watch, required=False)
     device_options(watch)
     watch.add_argument(
@@ -183,13 +183,17 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="also write each sample as a TensorBoard image at its step",
     )
+    pool_options(watch)
 
     status = commands.add_parser(
         "status", help="the queue, the last rendered step and the failures", parents=[logging_options]
     )
-    status.add_argument("output_dir", type=Path, metavar="OUTPUT_DIR")
+    status.add_argument("output_dir", type=Path, metavar="OUTPUT_DIR", nargs="?", default=None)
     status.add_argument(
         "--output", type=Path, default=None, help="samples folder (default OUTPUT_DIR/samples)"
+    )
+    status.add_argument(
+        "--runs", type=Path, default=None, metavar="RUNS_YAML", help="every run of a sweep file"
     )
 
     demo = commands.add_parser(
@@ -226,6 +230,21 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("folder", type=Path)
     tiny.add_argument("--size", choices=("shallow", "deep", "wide"), default="shallow")
     return parser
+
+
+def pool_options(watch: argparse.ArgumentParser) -> None:
+    """`sidecar watch --runs` and the Ray workers (`sidecar.app.coordinator`)."""
+    watch.add_argument(
+        "--runs", type=Path, default=None, metavar="RUNS_YAML", help="serve every run of a sweep file"
+    )
+    watch.add_argument(
+        "--ray",
+        default=None,
+        metavar="ADDRESS",
+        help="render on Ray workers: local, auto or an address",
+    )
+    watch.add_argument("--workers", type=int, default=None, help="Ray workers (default: one per GPU)")
+    watch.add_argument("--gpus-per-worker", type=float, default=None, metavar="G", help="default 1")
 
 
 def _vram_size(value: str) -> str:
@@ -346,6 +365,31 @@ def cmd_watch(args: argparse.Namespace) -> int:
         "slot_file_mode": args.slot_file_mode,
         "tensorboard": args.tensorboard,
     }
+    if args.runs is not None or args.ray is not None:
+        from sidecar.app.coordinator import CoordinatorRequest, run_coordinator
+        from sidecar.app.worker import PoolOptions
+
+        request = CoordinatorRequest.from_command_line(
+            runs_file=args.runs,
+            output_dir=args.output_dir,
+            config=args.config,
+            process=_process(args.process),
+            prompts=args.prompts,
+            overrides=overrides,
+            once=args.once,
+        )
+        options = PoolOptions(
+            ray=args.ray,
+            workers=args.workers,
+            gpus_per_worker=args.gpus_per_worker or 1.0,
+            device=args.device,
+            gpu=args.gpu,
+        )
+        return run_coordinator(request, options=options)
+    if args.output_dir is None:
+        raise SidecarError("`sidecar watch` needs OUTPUT_DIR, or `--runs RUNS_YAML` for a sweep")
+    if args.workers is not None or args.gpus_per_worker is not None:
+        raise SidecarError("`--workers` and `--gpus-per-worker` need `--ray`")
     from sidecar.app.commands import trainer_config
 
     request = WatchRequest(
@@ -362,6 +406,17 @@ def cmd_watch(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from sidecar.app import commands
 
+    if args.runs is not None:
+        from sidecar.app.runs import runs_status
+
+        if args.output_dir is not None or args.output is not None:
+            raise SidecarError(
+                "`sidecar status --runs` takes no OUTPUT_DIR or `--output`: the runs file names them"
+            )
+        print(runs_status(args.runs))
+        return EXIT_OK
+    if args.output_dir is None:
+        raise SidecarError("`sidecar status` needs OUTPUT_DIR, or `--runs RUNS_YAML`")
     print(commands.status(args.output_dir, output=args.output))
     return EXIT_OK
 

@@ -198,10 +198,28 @@ FLUX_SAMPLERS: dict[str, SamplerSpec] = {
     ),
 }
 
+# SD 1.5 predicts noise like SDXL and takes the same schedulers. Chroma, Flux.1 Kontext, Flux.2
+# (dev and Klein), Qwen-Image and its Edit variants, and Z-Image are flow models whose pipelines
+# all pass `mu` (Flux's resolution-dependent shift) to the scheduler, as FluxPipeline does: they
+# take Flux's table, flow DPM++ 2M only where the model's config shifts dynamically.
 SAMPLERS_BY_ARCH: dict[str, dict[str, SamplerSpec]] = {
     "sdxl": SDXL_SAMPLERS,
     "sd3": SD3_SAMPLERS,
     "flux": FLUX_SAMPLERS,
+    "sd15": SDXL_SAMPLERS,
+    **{
+        arch: FLUX_SAMPLERS
+        for arch in (
+            "chroma",
+            "flux_kontext",
+            "flux2",
+            "flux2_klein",
+            "qwen_image",
+            "qwen_image_edit",
+            "qwen_image_edit_plus",
+            "zimage",
+        )
+    },
 }
 
 # Keys FluxPipeline / StableDiffusion3Pipeline read from `scheduler.config` to compute `mu`

@@ -17,7 +17,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, BeforeValidator, ConfigDict, model_validator
 from pydantic_core import PydanticCustomError
 
-from sidecar.arch import ARCH_ALIASES, ARCH_SPECS, Arch
+from sidecar.arch import ARCH_SPECS, Arch, canonical_arch
 
 IMAGE_FORMATS = ("png", "jpg", "webp")
 _INTEGER_TEXT = re.compile(r"\s*[+-]?\d+\s*")
@@ -136,12 +136,11 @@ def as_image_format(value: object) -> str:
 
 
 def as_arch(value: object) -> Arch:
-    """An architecture name or alias (`flux`, `sd3.5`, `xl`...) as its canonical name."""
-    if isinstance(value, str) and value.strip().lower() in ARCH_ALIASES:
-        return ARCH_ALIASES[value.strip().lower()]
-    raise ValueError(
-        f"must be one of {', '.join(ARCH_SPECS)}, got {show(value)} (sidecar renders SDXL, SD 3.5 and Flux)"
-    )
+    """An architecture name or alias (`flux`, `sd3.5`, `zimage:turbo`...) as its canonical name."""
+    arch = canonical_arch(value) if isinstance(value, str) else None
+    if arch is not None:
+        return arch
+    raise ValueError(f"must be one of {', '.join(ARCH_SPECS)}, got {show(value)}")
 
 
 def as_path(value: object) -> Path:

@@ -78,3 +78,46 @@ def tiny_sdxl(tiny_models) -> Path:
 
 
 # --- end of the tiny-model block ---------------------------------------------------
+
+
+# ---------------------------------------------------------------------------------
+# The newer architectures' tiny models and LoRA files (owned by tests/render/test_sd15.py,
+# test_chroma.py, test_flux_kontext.py, test_flux2.py, test_qwen_image.py, test_zimage.py).
+# Each model is built once per session, when a test first asks for it (0.1-1 s each).
+# ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_arch_model(tmp_path_factory, quiet_diffusers, single_threaded_torch) -> Callable[[str], Path]:
+    """`tiny_arch_model(arch) -> folder`: the shallow tiny model of any architecture, built on first use."""
+    from sidecar.testing.tiny import save_tiny_model
+
+    root = tmp_path_factory.mktemp("tiny-arch-models")
+
+    def get(arch: str) -> Path:
+        return save_tiny_model(arch, root / f"tiny-{arch}")  # type: ignore[arg-type]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_arch_lora(tmp_path_factory, tiny_arch_model) -> Callable[..., Path]:
+    """`tiny_arch_lora(arch, lora_format="peft", **options) -> Path`: `sidecar.testing.loras_more`
+    files, each written once (equal arguments give the same file)."""
+    from sidecar.testing.loras_more import write_more_lora
+
+    root = tmp_path_factory.mktemp("tiny-arch-loras")
+    written: dict[tuple, Path] = {}
+
+    def make(arch: str, lora_format: str = "peft", **options) -> Path:
+        key = (arch, lora_format, *sorted((name, repr(value)) for name, value in options.items()))
+        if key not in written:
+            path = root / f"{arch}-{lora_format}-{len(written)}.safetensors"
+            folder = tiny_arch_model(arch)
+            written[key] = write_more_lora(folder, arch, path, lora_format=lora_format, **options)
+        return written[key]
+
+    return make
+
+
+# --- end of the newer-architecture block -------------------------------------------

@@ -107,7 +107,12 @@ def test_sampler_image_format_and_arch() -> None:
     with pytest.raises(ValueError, match="must be one of png, jpg, jpeg, webp, got 'gif'"):
         as_image_format("gif")
     assert (as_arch("SD3.5"), as_arch("xl"), as_arch("flux-dev")) == ("sd3", "sdxl", "flux")
-    with pytest.raises(ValueError, match="must be one of sdxl, sd3, flux, got 'wan21'"):
+    assert (as_arch("zimage:turbo"), as_arch("qwen_image_edit_plus:2511"), as_arch("sd15")) == (
+        "zimage",
+        "qwen_image_edit_plus",
+        "sd15",
+    )  # ai-toolkit's UI writes a variant after a colon
+    with pytest.raises(ValueError, match="must be one of sdxl, sd3, chroma, .*, got 'wan21'"):
         as_arch("wan21")
 
 

@@ -11,7 +11,7 @@ import json
 import re
 from pathlib import Path
 
-from sidecar.arch import Arch, arch_from_pipeline_class, arch_from_tensor_names
+from sidecar.arch import ARCH_SPECS, Arch, arch_from_pipeline_class, arch_from_tensor_names
 from sidecar.errors import CheckpointError
 from sidecar.plan.locator import YamlLocator, join_path
 from sidecar.plan.models import ModelConfig
@@ -28,7 +28,7 @@ def _arch_from_model_index(index: Path) -> tuple[Arch | None, str]:
     arch = arch_from_pipeline_class(str(class_name))
     return (
         arch,
-        "" if arch else f"its model_index.json names {class_name!r}, not an SDXL, SD 3.5 or Flux pipeline",
+        "" if arch else f"its model_index.json names {class_name!r}, not a pipeline sidecar renders",
     )
 
 
@@ -38,7 +38,7 @@ def _arch_from_safetensors(path: Path) -> tuple[Arch | None, str]:
     except (OSError, CheckpointError) as exc:
         return None, f"not a readable safetensors file: {exc}"
     arch = arch_from_tensor_names(names)
-    return arch, "" if arch else "its tensor names match no SDXL, SD 3.5 or Flux checkpoint"
+    return arch, "" if arch else "its tensor names match no checkpoint layout sidecar knows"
 
 
 def _cached_model_index(repo_id: str) -> Path | None:
@@ -112,6 +112,6 @@ def resolve_arch(model: ModelConfig, locator: YamlLocator, prefix: str) -> Arch:
         raise locator.error(
             model_path,
             f"cannot tell the architecture of {model.name_or_path!r} ({reason}); "
-            "set `model.arch: sdxl|sd3|flux`",
+            f"set `model.arch` to one of {', '.join(ARCH_SPECS)}",
         )
     return arch

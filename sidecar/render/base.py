@@ -227,8 +227,7 @@ class Renderer(ABC):
         self.pipe.scheduler = make_scheduler(self.spec.name, first.sampler, self.base_scheduler_config)
         device = self.device
         stacked = {
-            name: value.to(device) if value is not None else None
-            for name, value in stack_embeddings(embeddings).items()
+            name: _to_device(value, device) for name, value in self.batch_embeddings(embeddings).items()
         }  # encoded on the CPU when the plan keeps the text encoders there
         arguments = self.call_arguments(batch, stacked)  # type: ignore[arg-type]
         arguments.update(
@@ -255,14 +254,15 @@ class Renderer(ABC):
             lora_scale = request.strength if key[2] is not None else None
             # as inside `__call__`: autograd changes the attention kernels
             with torch.no_grad(), self._encoders_attached():
-                self._embeddings[key] = self.encode(request.prompt, request.negative_prompt, lora_scale)
+                self._embeddings[key] = self.encode_request(request, lora_scale)
         return self._embeddings[key]
 
     def _embedding_key(self, request: SampleRequest) -> tuple:
         lora_key = None
         if self.lora is not None and self.lora.has_text_encoder:
             lora_key = (self._lora_generation, request.strength)
-        return (request.prompt, request.negative_prompt, lora_key)
+        # The reference images: the text encoder of an edit model sees them (`encode_request`).
+        return (request.prompt, request.negative_prompt, lora_key, request.control_images)
 
     def _prepare_embeddings(self, requests: Sequence[SampleRequest]) -> None:
         """Encode what is not cached yet, then let the text encoders leave the GPU.
@@ -301,6 +301,16 @@ class Renderer(ABC):
     def encode(self, prompt: str, negative_prompt: str, lora_scale: float | None) -> Embeddings:
         """Encode one prompt and its negative with the pipeline's own `encode_prompt`."""
 
+    def encode_request(self, request: SampleRequest, lora_scale: float | None) -> Embeddings:
+        """Encode one request: its prompt and negative by default; an architecture whose text
+        encoder also reads the reference images (Qwen-Image-Edit) overrides this."""
+        return self.encode(request.prompt, request.negative_prompt, lora_scale)
+
+    def batch_embeddings(self, embeddings: Sequence[Embeddings]) -> dict[str, Any]:
+        """One batch's embeddings as `__call__` takes them: one stacked tensor per field by
+        default; a pipeline taking variable-length sequences (Z-Image, Qwen-Image) overrides this."""
+        return stack_embeddings(embeddings)
+
     @abstractmethod
     def call_arguments(self, batch: Sequence[SampleRequest], embeddings: Embeddings) -> dict[str, Any]:
         """`__call__` arguments for one batch (sizes, steps and generators are added after)."""
@@ -312,6 +322,13 @@ class Renderer(ABC):
         self.pipe = None  # type: ignore[assignment]
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    """A tensor, a list of tensors or None, on `device`."""
+    if isinstance(value, list):
+        return [item.to(device) for item in value]
+    return value.to(device) if value is not None else None
 
 
 def step_noise_seed(seed: int) -> int:

@@ -25,6 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from sidecar.arch import ARCH_SPECS, Workload
 from sidecar.plan.request import ModelSource
 from sidecar.render.model_sizes import (
     BACKBONE,
@@ -55,29 +56,8 @@ CUDA_CONTEXT_BYTES = GIB // 2
 VAE_TILE_PIXELS = 1024 * 1024  # diffusers tiles a decode larger than the VAE's sample_size (1024 px)
 
 
-@dataclass(frozen=True)
-class Workload:
-    """An architecture's working memory per phase, bf16, one image (scaled by dtype and batch).
-
-    Estimates from the activations alive at once in the widest layer (tokens x widths x 2 bytes),
-    then rounded up; `bench/gpu_check.sh` measures them against a real card.
-    """
-
-    denoise_bytes_per_mp: int  # one denoising step at 1 MP; CFG's doubled batch included
-    decode_bytes_per_mp: int  # the VAE decode of 1 MP, untiled
-    encode_bytes: int  # one prompt through the largest text encoder
-
-
-WORKLOADS: dict[str, Workload] = {
-    # Flux: 4096 image + 512 text tokens x (3072 x 8 + 12288 x 2 + 15360) x 2 bytes in a single block,
-    # plus RoPE's fp32 copies of q and k. VAE: the last up block at 1024 px holds 3-4 tensors of
-    # 256 channels x 1 MP.
-    "flux": Workload(int(0.75 * GIB), 2 * GIB, GIB // 4),
-    # SD 3.5 large: 4429 tokens x (2432 x 8 + 9728 x 2) x 2 bytes, twice for CFG.
-    "sd3": Workload(int(0.70 * GIB), 2 * GIB, GIB // 4),
-    # SDXL: CFG batch of 2 through the UNet's 640/1280-channel attention at 64/32 px latents.
-    "sdxl": Workload(GIB, 2 * GIB, GIB // 8),
-}
+# Per architecture, estimated from its widths: `sidecar.arch.ArchSpec.workload`.
+WORKLOADS: dict[str, Workload] = {name: spec.workload for name, spec in ARCH_SPECS.items()}
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from sidecar.arch import ARCH_SPECS, BACKBONE, TEXT_ENCODER, VAE  # noqa: F401 (roles, re-exported)
 from sidecar.errors import ModelError
 from sidecar.weights import SAFETENSORS_SUFFIX, TensorInfo, read_header
 
@@ -41,64 +42,17 @@ RUN_DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 INT8_BYTES_PER_WEIGHT = 1
 INT8_BYTES_PER_ROW = 4 + 1
 
-# The pipeline components of each architecture, and what each is.
-BACKBONE = "backbone"
-TEXT_ENCODER = "text encoder"
-VAE = "vae"
+# The pipeline components of each architecture and what each is, the `model:` keys of separate
+# text-encoder files, single-file prefixes and default repos: facts of `sidecar.arch`.
 LORA = "lora"
-COMPONENTS: dict[str, dict[str, str]] = {
-    "sdxl": {"unet": BACKBONE, "text_encoder": TEXT_ENCODER, "text_encoder_2": TEXT_ENCODER, "vae": VAE},
-    "sd3": {
-        "transformer": BACKBONE,
-        "text_encoder": TEXT_ENCODER,
-        "text_encoder_2": TEXT_ENCODER,
-        "text_encoder_3": TEXT_ENCODER,
-        "vae": VAE,
-    },
-    "flux": {
-        "transformer": BACKBONE,
-        "text_encoder": TEXT_ENCODER,
-        "text_encoder_2": TEXT_ENCODER,
-        "vae": VAE,
-    },
-}
-# The `model:` keys of separate text-encoder files, per architecture: key -> component.
+COMPONENTS: dict[str, dict[str, str]] = {name: dict(spec.components) for name, spec in ARCH_SPECS.items()}
 TEXT_ENCODER_KEYS: dict[str, dict[str, str]] = {
-    "sdxl": {"clip_l_path": "text_encoder", "clip_g_path": "text_encoder_2"},
-    "sd3": {"clip_l_path": "text_encoder", "clip_g_path": "text_encoder_2", "t5_path": "text_encoder_3"},
-    "flux": {"clip_l_path": "text_encoder", "t5_path": "text_encoder_2"},
+    name: dict(spec.text_encoder_keys) for name, spec in ARCH_SPECS.items()
 }
-# Single-file checkpoints: tensor-name prefix -> component, first match wins; "" takes the
-# rest (BFL's `flux1-dev.safetensors` holds the transformer alone, unprefixed).
 SINGLE_FILE_PREFIXES: dict[str, tuple[tuple[str, str], ...]] = {
-    "sdxl": (
-        ("conditioner.embedders.0.", "text_encoder"),
-        ("conditioner.embedders.1.", "text_encoder_2"),
-        ("first_stage_model.", "vae"),
-        ("", "unet"),
-    ),
-    "sd3": (
-        ("text_encoders.clip_l.", "text_encoder"),
-        ("text_encoders.clip_g.", "text_encoder_2"),
-        ("text_encoders.t5xxl.", "text_encoder_3"),
-        ("first_stage_model.", "vae"),
-        ("", "transformer"),
-    ),
-    "flux": (
-        ("text_encoders.clip_l.", "text_encoder"),
-        ("text_encoders.t5xxl.", "text_encoder_2"),
-        ("first_stage_model.", "vae"),
-        ("vae.", "vae"),
-        ("", "transformer"),
-    ),
+    name: spec.single_file_prefixes for name, spec in ARCH_SPECS.items()
 }
-# Where diffusers' `from_single_file` takes the components a single file lacks (its
-# `fetch_diffusers_config` defaults); read from the local hub cache only.
-DEFAULT_REPOS = {
-    "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
-    "sd3": "stabilityai/stable-diffusion-3.5-large",
-    "flux": "black-forest-labs/FLUX.1-dev",
-}
+DEFAULT_REPOS = {name: spec.default_repo for name, spec in ARCH_SPECS.items()}
 INT8 = "int8"
 # ai-toolkit's `quantize: true` and `qtype` names (quanto's and torchao's) that are 8 bits.
 EIGHT_BIT_TYPES = frozenset({"true", "qfloat8", "qint8", "int8", "float8", "fp8", "uint8", "8bit"})

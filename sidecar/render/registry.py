@@ -22,6 +22,15 @@ RENDERER_PATHS: dict[str, str] = {
     "sdxl": "sidecar.render.sdxl:SDXLRenderer",
     "sd3": "sidecar.render.sd3:SD3Renderer",
     "flux": "sidecar.render.flux:FluxRenderer",
+    "sd15": "sidecar.render.sd15:SD15Renderer",
+    "chroma": "sidecar.render.chroma:ChromaRenderer",
+    "flux_kontext": "sidecar.render.flux_kontext:FluxKontextRenderer",
+    "flux2": "sidecar.render.flux2:Flux2Renderer",
+    "flux2_klein": "sidecar.render.flux2:Flux2KleinRenderer",
+    "qwen_image": "sidecar.render.qwen_image:QwenImageRenderer",
+    "qwen_image_edit": "sidecar.render.qwen_image_edit:QwenImageEditRenderer",
+    "qwen_image_edit_plus": "sidecar.render.qwen_image_edit:QwenImageEditPlusRenderer",
+    "zimage": "sidecar.render.zimage:ZImageRenderer",
 }
 
 

@@ -19,7 +19,7 @@ CONTROL = (FIXTURES / "aitoolkit" / "control").resolve()
 
 def test_samples_items_with_their_own_settings(rows) -> None:
     config = load_trainer_config(KONTEXT)
-    assert (config.arch, config.trigger_word) == ("flux", "p3r5on")  # `arch: flux_kontext`
+    assert (config.arch, config.trigger_word) == ("flux_kontext", "p3r5on")
     plan = build_plan(config)
     assert rows(plan) == [
         ("make p3r5on smile", "1024x1024", 20, "flowmatch", 4.0, 1.0, 42, 1.0),

@@ -133,7 +133,7 @@ def test_flat_file_with_quoted_and_flow_values() -> None:
 def test_model_may_be_a_bare_string(tmp_path: Path) -> None:
     path = tmp_path / "flat.yaml"
     path.write_text("model: black-forest-labs/FLUX.1-dev\nsample:\n  prompts: [a]\nmodel_arch: x\n")
-    with pytest.raises(ConfigError, match=re.escape("set `model.arch: sdxl|sd3|flux`")):
+    with pytest.raises(ConfigError, match=re.escape("set `model.arch` to one of sdxl, sd3, chroma")):
         load_trainer_config(path)
     path.write_text(
         "model: {name_or_path: black-forest-labs/FLUX.1-dev, arch: flux-dev}\nsample: {prompts: [a]}\n"
@@ -248,7 +248,8 @@ def test_process_on_flat_file_is_an_error() -> None:
             "aitoolkit_flux_24gb.yaml",
             "is_flux: true",
             "arch: wan21",
-            "config.process[0].model.arch: must be one of sdxl, sd3, flux, got 'wan21'",
+            "config.process[0].model.arch: must be one of sdxl, sd3, chroma, flux2, flux, sd15, qwen_image, "
+            "zimage, flux_kontext, flux2_klein, qwen_image_edit, qwen_image_edit_plus, got 'wan21'",
         ),
         (
             "aitoolkit_flux_24gb.yaml",
@@ -363,7 +364,8 @@ def test_missing_arch_with_nonexistent_model(tmp_path: Path, monkeypatch: pytest
     model_line = text[: text.index("      model:")].count("\n") + 1
     assert load_error() == (
         f"train.yaml:{model_line} config.process[0].model: cannot tell the architecture of "
-        "'/path/to/your/sdxl_model.safetensors' (no such file or folder); set `model.arch: sdxl|sd3|flux`"
+        "'/path/to/your/sdxl_model.safetensors' (no such file or folder); set `model.arch` to one of sdxl, sd3, chroma"
+        ", flux2, flux, sd15, qwen_image, zimage, flux_kontext, flux2_klein, qwen_image_edit, qwen_image_edit_plus"
     )
 
 
@@ -372,7 +374,7 @@ def test_missing_arch_with_uncached_hub_id(tmp_path: Path, monkeypatch: pytest.M
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     variant(tmp_path, monkeypatch, "aitoolkit_flux_24gb.yaml", "is_flux: true", "is_flux: false")
-    assert "not in the local Hugging Face cache); set `model.arch: sdxl|sd3|flux`" in load_error()
+    assert "not in the local Hugging Face cache); set `model.arch` to one of sdxl, sd3, chroma" in load_error()
 
 
 @pytest.mark.parametrize(

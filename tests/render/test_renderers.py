@@ -308,8 +308,8 @@ def test_stack_embeddings_gives_none_when_any_request_lacks_a_field():
 def test_renderer_registry_covers_every_architecture_and_names_the_known_ones():
     for arch in ARCH_SPECS:
         assert renderer_class(arch).spec.name == arch
-    with pytest.raises(KeyError, match="flux, sd3, sdxl"):
-        renderer_class("sd15")
+    with pytest.raises(KeyError, match="chroma, flux, flux2, flux2_klein, flux_kontext, qwen_image"):
+        renderer_class("wan21")
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -1,0 +1,36 @@
+"""Chroma: base and LoRA renders equal plain diffusers calls (CFG with the T5 mask); swaps; refusals."""
+
+from __future__ import annotations
+
+import pytest
+from arch_reference import check_base, check_batch, check_lora, check_refused, check_swap, needs_lora_check
+
+ARCH = "chroma"
+
+
+def test_base_with_a_negative_prompt_equals_a_plain_call(tiny_arch_model):
+    check_base(ARCH, tiny_arch_model(ARCH), negative_prompt="blurry, low quality")
+
+
+def test_a_batch_equals_a_plain_call_with_a_list_of_prompts(tiny_arch_model):
+    check_batch(ARCH, tiny_arch_model(ARCH))
+
+
+@needs_lora_check
+@pytest.mark.parametrize("lora_format", ["peft", "kohya"])
+def test_lora_equals_a_plain_call(lora_format, tiny_arch_model, tiny_arch_lora):
+    check_lora(ARCH, tiny_arch_model(ARCH), tiny_arch_lora(ARCH, lora_format), strength=0.8)
+
+
+@needs_lora_check
+def test_the_next_checkpoint_swaps_in_place(tiny_arch_model, tiny_arch_lora):
+    check_swap(ARCH, tiny_arch_model(ARCH), tiny_arch_lora(ARCH, seed=0), tiny_arch_lora(ARCH, seed=1))
+
+
+def test_an_sdxl_lora_is_refused(tiny_arch_model, tiny_lora):
+    check_refused(ARCH, tiny_arch_model(ARCH), tiny_lora("sdxl"), "Stable Diffusion XL")
+
+
+@needs_lora_check
+def test_a_flux2_lora_is_refused(tiny_arch_model, tiny_arch_lora):
+    check_refused(ARCH, tiny_arch_model(ARCH), tiny_arch_lora("flux2", "peft"), "Flux.2")
