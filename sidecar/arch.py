@@ -29,6 +29,7 @@ Arch = Literal[
     "qwen_image_edit",
     "qwen_image_edit_plus",
     "zimage",
+    "wan",
 ]
 # How `guidance_scale` acts: classifier-free guidance (the negative prompt always runs), Flux's
 # embedded (distilled) guidance, or true CFG (a negative pass at `guidance_scale`, Qwen-Image's
@@ -80,6 +81,10 @@ class ArchSpec:
     single_file_prefixes: tuple[tuple[str, str], ...] = (("", "transformer"),)
     default_repo: str = ""  # where diffusers takes what a single file lacks (read from the cache only)
     control_images: int = 0  # reference images a sample may carry (`ctrl_img`, `--ci`); 0: none
+    default_height: int | None = None  # where the reference size is not square; None: `default_size`
+    # Video models: a frame count is 1 + a multiple of the VAE's temporal factor; 0: images only.
+    frame_step: int = 0
+    default_fps: int = 16  # a video sample's fps when neither the sample nor the config names one
     # The key-name groups (`LORA_KEY_MARKERS`) of the LoRA files this architecture takes; the
     # loader then checks shapes. Flux.2's trainers write BFL's block names, which are Flux.1's.
     lora_groups: tuple[str, ...] = ()
@@ -384,6 +389,40 @@ SD15 = ArchSpec(
     default_repo="stable-diffusion-v1-5/stable-diffusion-v1-5",
 )
 
+# Wan 2.1 and 2.2 (text- and image-to-video): a 3D DiT on UMT5-XXL, the Wan VAE (8x spatial, 4x
+# temporal: 1 + 4k frames), CFG. 2.2 A14B splits denoising between two experts, `transformer`
+# (high noise) and `transformer_2` (low noise), at the pipeline's `boundary_ratio`. Defaults: ai-toolkit's
+# `train_lora_wan21_*_24gb.yaml` (832x480, 30 steps, guidance 5); 16 fps is Wan's `sample_fps`.
+WAN = ArchSpec(
+    name="wan",
+    label="Wan",
+    size_multiple=16,
+    default_size=832,
+    default_height=480,
+    default_steps=30,
+    default_guidance=5.0,
+    default_sampler="flowmatch",
+    is_flow_model=True,
+    guidance="cfg",
+    pipeline_classes=("WanPipeline", "WanImageToVideoPipeline"),
+    single_file_markers=("text_embedding.0.", "condition_embedder.text_embedder."),
+    components=(
+        ("transformer", BACKBONE),
+        ("transformer_2", BACKBONE),
+        ("text_encoder", TEXT_ENCODER),
+        ("image_encoder", TEXT_ENCODER),
+        ("vae", VAE),
+    ),
+    # Per megapixel of frame at 81 frames (21 latent frames, 21 x 1560 tokens at 832x480): the
+    # 14B blocks' 5120-wide activations with CFG's second pass; the causal 3D VAE decodes frames
+    # in chunks, its cache about four frames' worth.
+    workload=Workload(6 * GIB, 6 * GIB, GIB // 2),
+    default_repo="Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
+    control_images=1,  # image-to-video's start frame (`ctrl_img`, musubi `--i`)
+    frame_step=4,
+    default_fps=16,
+)
+
 # Detection order: an architecture whose tensor names contain another's comes first.
 ARCH_SPECS: dict[str, ArchSpec] = {
     spec.name: spec
@@ -400,6 +439,7 @@ ARCH_SPECS: dict[str, ArchSpec] = {
         FLUX2_KLEIN,
         QWEN_IMAGE_EDIT,
         QWEN_IMAGE_EDIT_PLUS,
+        WAN,
     )
 }
 
@@ -451,6 +491,29 @@ ARCH_ALIASES: dict[str, Arch] = {
     "sd_1_5": "sd15",
     "sd-1.5": "sd15",
     "v1": "sd15",
+    # ai-toolkit: `wan21` / `wan21_i2v` / `wan22_14b` / `wan22_14b_i2v` / `wan22_5b` (its model classes'
+    # `arch`; the UI adds `:1b`, `:14b`, `:t2v`...), and the size-named forms older configs use.
+    **{
+        name: "wan"
+        for name in (
+            "wan",
+            "wan21",
+            "wan2.1",
+            "wan_2.1",
+            "wan21_1b",
+            "wan21_14b",
+            "wan21_i2v",
+            "wan21_i2v_14b",
+            "wan22",
+            "wan2.2",
+            "wan_2.2",
+            "wan22_14b",
+            "wan22_14b_i2v",
+            "wan22_5b",
+            "wan-2.1",
+            "wan-2.2",
+        )
+    },
 }
 
 

@@ -207,6 +207,9 @@ SAMPLERS_BY_ARCH: dict[str, dict[str, SamplerSpec]] = {
     "sd3": SD3_SAMPLERS,
     "flux": FLUX_SAMPLERS,
     "sd15": SDXL_SAMPLERS,
+    # Wan passes no `mu` (a fixed flow shift): SD 3.5's table. Its published scheduler is flow
+    # UniPC (`unipc`); ai-toolkit samples with flow Euler (`flowmatch`), sidecar's default.
+    "wan": SD3_SAMPLERS,
     **{
         arch: FLUX_SAMPLERS
         for arch in (

@@ -52,6 +52,7 @@ logger = logging.getLogger("sidecar.plan")
 
 DEFAULT_STRENGTH = 1.0
 AITOOLKIT_DEFAULT_FPS = 16  # ai-toolkit's `fps` when a video sample names none (toolkit/config_modules.py)
+VIDEO_FORMAT = "webp"  # a plan with video samples writes animated WebP (`sidecar.publish.video`)
 
 
 def _snap(value: int, spec: ArchSpec, key: str, origin: Origin) -> int:
@@ -166,15 +167,38 @@ def _media(config: TrainerConfig, source: Source, item: PromptItem, flags: dict)
     images = (*(flags.get("control_images") or ()), *item.all_control_images)  # type: ignore[misc]
     init_image = _first(flags.get("init_image"), item.init_image)
     frames = int(_first(flags.get("num_frames"), item.num_frames, config.sample.num_frames, 1))  # type: ignore[arg-type]
+    frames = _snap_frames(frames, config.spec, source)
     fps = _first(flags.get("fps"), item.fps, config.sample.fps)
     if fps is None and frames > 1 and source.dialect == "aitoolkit":
         fps = AITOOLKIT_DEFAULT_FPS
+    elif fps is None and frames > 1 and config.spec.frame_step:
+        fps = config.spec.default_fps  # the model's reference frame rate
     return {
         "control_images": tuple(dict.fromkeys(resolve_relative(str(p), base) for p in images)),
         "init_image": resolve_relative(str(init_image), base) if init_image is not None else None,
         "num_frames": frames,
         "fps": int(fps) if fps is not None else None,  # type: ignore[arg-type]
     }
+
+
+def _snap_frames(frames: int, spec: ArchSpec, source: Source) -> int:
+    """A video model's frame count as its VAE takes it (1 + a multiple of its temporal factor),
+    warning with the old and new value, as sizes are snapped. Rounded the way the sample's trainer
+    does: musubi-tuner down (`(f - 1) // 4 * 4 + 1`), ai-toolkit and others as diffusers' Wan
+    pipelines do (`f // 4 * 4 + 1`)."""
+    step = spec.frame_step
+    if not step or frames <= 1 or (frames - 1) % step == 0:
+        return frames
+    snapped = (frames - 1) // step * step + 1 if source.dialect == "musubi" else frames // step * step + 1
+    logger.warning(
+        "%s `num_frames` %d is not 1 + a multiple of %d for %s; using %d",
+        source.origin.where(),
+        frames,
+        step,
+        spec.label,
+        snapped,
+    )
+    return snapped
 
 
 def _expanded(config: TrainerConfig, sources: list[Source]) -> list[tuple[Source, tuple[int, int] | None]]:
@@ -206,7 +230,7 @@ def build_plan(config: TrainerConfig, *, prompts_file: Path | None = None) -> Sa
         Origin(config, subpath="sample.width") if sample.width else section,
     )
     base_height = _snap(
-        sample.height or spec.default_size,
+        sample.height or spec.default_height or spec.default_size,
         spec,
         "height",
         Origin(config, subpath="sample.height") if sample.height else section,
@@ -274,9 +298,17 @@ def build_plan(config: TrainerConfig, *, prompts_file: Path | None = None) -> Sa
                 **_media(config, source, item, flags),  # type: ignore[arg-type]
             )
         )
+    image_format = sample.format
+    if spec.frame_step and image_format != VIDEO_FORMAT and any(r.num_frames > 1 for r in requests):
+        # The animated WebP is a video sample's main file (an MP4 lies beside it); ai-toolkit
+        # switches a config's `format` to webp for video samples too (`SampleConfig`).
+        logger.info(
+            "%s: video samples are written as animated WebP (and MP4), not %s", spec.label, image_format
+        )
+        image_format = VIDEO_FORMAT
     return SamplePlan(
         requests=tuple(requests),
-        image_format=sample.format,
+        image_format=image_format,
         batch_size=sample.batch_size,
         sample_every=sample.sample_every,
         cadence=_cadence(config),

@@ -239,8 +239,11 @@ class Renderer(ABC):
         )
         if self.lora is not None:
             arguments[self.attention_kwargs] = {"scale": first.strength}
-        images = self.pipe(**arguments).images
-        yield from zip(batch, images, strict=True)
+        yield from zip(batch, self.outputs(batch, self.pipe(**arguments)), strict=True)
+
+    def outputs(self, batch: Sequence[SampleRequest], output: Any) -> Sequence[Any]:
+        """Each request's result in the pipeline's output: its image; a video model's frames (`wan.py`)."""
+        return output.images
 
     def embeddings(self, request: SampleRequest) -> Embeddings:
         """The prompt's embeddings, encoded once and reused for every checkpoint.

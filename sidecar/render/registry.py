@@ -31,6 +31,7 @@ RENDERER_PATHS: dict[str, str] = {
     "qwen_image_edit": "sidecar.render.qwen_image_edit:QwenImageEditRenderer",
     "qwen_image_edit_plus": "sidecar.render.qwen_image_edit:QwenImageEditPlusRenderer",
     "zimage": "sidecar.render.zimage:ZImageRenderer",
+    "wan": "sidecar.render.wan:WanRenderer",
 }
 
 
