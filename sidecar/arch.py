@@ -81,10 +81,7 @@ class ArchSpec:
     single_file_prefixes: tuple[tuple[str, str], ...] = (("", "transformer"),)
     default_repo: str = ""  # where diffusers takes what a single file lacks (read from the cache only)
     control_images: int = 0  # reference images a sample may carry (`ctrl_img`, `--ci`); 0: none
-    default_height: int | None = None  # where the reference size is not square; None: `default_size`
-    # Video models: a frame count is 1 + a multiple of the VAE's temporal factor; 0: images only.
-    frame_step: int = 0
-    default_fps: int = 16  # a video sample's fps when neither the sample nor the config names one
+    true_cfg: bool = False  # takes `true_cfg_scale`: a negative pass beside the embedded guidance (Flux)
     # The key-name groups (`LORA_KEY_MARKERS`) of the LoRA files this architecture takes; the
     # loader then checks shapes. Flux.2's trainers write BFL's block names, which are Flux.1's.
     lora_groups: tuple[str, ...] = ()
@@ -92,6 +89,11 @@ class ArchSpec:
     def takes_lora_of(self, group: str) -> bool:
         """Whether a LoRA whose key names are those of `group` may go on this model."""
         return group in (self.lora_groups or (self.name,))
+
+    default_height: int | None = None  # where the reference size is not square; None: `default_size`
+    # Video models: a frame count is 1 + a multiple of the VAE's temporal factor; 0: images only.
+    frame_step: int = 0
+    default_fps: int = 16  # a video sample's fps when neither the sample nor the config names one
 
 
 SDXL = ArchSpec(
@@ -194,6 +196,7 @@ FLUX = ArchSpec(
     text_encoder_keys=(("clip_l_path", "text_encoder"), ("t5_path", "text_encoder_2")),
     single_file_prefixes=FLUX_SINGLE_FILE_PREFIXES,
     default_repo="black-forest-labs/FLUX.1-dev",
+    true_cfg=True,
 )
 
 # FLUX.1 Kontext [dev]: Flux.1's weights layout exactly (a single file cannot tell it from
@@ -217,6 +220,7 @@ FLUX_KONTEXT = ArchSpec(
     default_repo="black-forest-labs/FLUX.1-Kontext-dev",
     control_images=1,
     lora_groups=("flux",),
+    true_cfg=True,
 )
 
 # Chroma: Flux.1 schnell's blocks without per-block modulation (a `distilled_guidance_layer`

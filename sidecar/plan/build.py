@@ -20,10 +20,11 @@ How one prompt becomes a request, in order:
    trigger is not added to a prompt that lacks it; with no trigger word set, a placeholder is
    removed, with a warning. Other trainers render prompt text as written, and so does sidecar.
 
-Flux guidance: in the YAML (ai-toolkit's meaning) `--l`/`--cfg` set the embedded guidance like
-`guidance_scale`, and `--g` also does and wins; in a kohya or musubi-tuner prompt file `--l` is
-true CFG (`true_cfg_scale`) and `--g` the embedded guidance. SDXL and SD 3.5 ignore `--g` with a
-warning. The `sidecar check` text is `sidecar.plan.report.format_plan`.
+Embedded guidance (Flux.1, Kontext, Flux.2 [dev]: `ArchSpec.guidance`): in the YAML (ai-toolkit's
+meaning) `--l`/`--cfg` set the embedded guidance like `guidance_scale`, and `--g` also does and wins;
+in a kohya or musubi-tuner prompt file `--l` is true CFG (`true_cfg_scale`) and `--g` the embedded
+guidance. The others ignore `--g` with a warning. The `sidecar check` text is
+`sidecar.plan.report.format_plan`.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from sidecar.plan.prompts import (
     apply_trigger,
     parse_prompt_flags,
 )
+from sidecar.plan.references import check_control_images
 from sidecar.plan.request import Cadence, SamplePlan, SampleRequest
 from sidecar.samplers import KOHYA_FALLBACK_SAMPLER, trainer_sampler, validate_sampler
 
@@ -142,12 +144,17 @@ def _guidance(config: TrainerConfig, source: Source, item: PromptItem, flags: di
     spec, sample = config.spec, config.sample
     cfg, embedded = flags.get("cfg"), flags.get("embedded_guidance")
     true_cfg = _first(item.true_cfg_scale, sample.true_cfg_scale)
-    if config.arch == "flux":
+    if spec.guidance == "embedded":  # Flux.1, Kontext, Flux.2 [dev]
         if source.dialect in ("kohya", "musubi"):  # --l is true CFG, --g the embedded guidance
             guidance = _first(embedded, item.guidance_scale, sample.guidance_scale, spec.default_guidance)
-            return float(guidance), float(_first(cfg, true_cfg))  # type: ignore[arg-type]
-        # ai-toolkit: --l / --cfg and --g both set the embedded guidance; --g wins
-        guidance = _first(embedded, cfg, item.guidance_scale, sample.guidance_scale, spec.default_guidance)
+            true_cfg = _first(cfg, true_cfg)
+        else:  # ai-toolkit: --l / --cfg and --g both set the embedded guidance; --g wins
+            guidance = _first(
+                embedded, cfg, item.guidance_scale, sample.guidance_scale, spec.default_guidance
+            )
+        if not spec.true_cfg and float(true_cfg) != 1.0:  # type: ignore[arg-type]
+            logger.warning("%s true CFG is not offered on %s; ignored", source.origin.where(), spec.label)
+            true_cfg = 1.0
         return float(guidance), float(true_cfg)  # type: ignore[arg-type]
     if embedded is not None:
         logger.warning(
@@ -155,7 +162,10 @@ def _guidance(config: TrainerConfig, source: Source, item: PromptItem, flags: di
         )
     if item.true_cfg_scale is not None and item.true_cfg_scale != 1.0:
         logger.warning(
-            "%s `true_cfg_scale` is for Flux only; ignored on %s", source.origin.where(), spec.label
+            "%s `true_cfg_scale` is for Flux only (Flux.1, Kontext); ignored on %s (`guidance_scale` is %s)",
+            source.origin.where(),
+            spec.label,
+            "true CFG" if spec.guidance == "true_cfg" else "CFG",
         )
     guidance = _first(cfg, item.guidance_scale, sample.guidance_scale, spec.default_guidance)
     return float(guidance), 1.0  # type: ignore[arg-type]
@@ -174,7 +184,9 @@ def _media(config: TrainerConfig, source: Source, item: PromptItem, flags: dict)
     elif fps is None and frames > 1 and config.spec.frame_step:
         fps = config.spec.default_fps  # the model's reference frame rate
     return {
-        "control_images": tuple(dict.fromkeys(resolve_relative(str(p), base) for p in images)),
+        "control_images": check_control_images(
+            config, source.origin, tuple(dict.fromkeys(resolve_relative(str(p), base) for p in images))
+        ),
         "init_image": resolve_relative(str(init_image), base) if init_image is not None else None,
         "num_frames": frames,
         "fps": int(fps) if fps is not None else None,  # type: ignore[arg-type]
@@ -235,9 +247,9 @@ def build_plan(config: TrainerConfig, *, prompts_file: Path | None = None) -> Sa
         "height",
         Origin(config, subpath="sample.height") if sample.height else section,
     )
-    if config.arch != "flux" and sample.true_cfg_scale != 1.0:
+    if not spec.true_cfg and sample.true_cfg_scale != 1.0:
         logger.warning(
-            "%s `true_cfg_scale` is for Flux only; ignored on %s",
+            "%s `true_cfg_scale` is for Flux only (Flux.1, Kontext); ignored on %s",
             config.where("sample.true_cfg_scale"),
             spec.label,
         )

@@ -137,15 +137,20 @@ def uses_true_cfg(request: SampleRequest) -> bool:
     return request.true_cfg_scale > 1.0 and bool(request.negative_prompt.strip())
 
 
+CONTROL_IMAGE_KEY = "Control image"  # infotext key of a sample's reference image(s)
+
+
 def infotext(
     request: SampleRequest, *, base_model: str, lora_name: str | None, step: int | None, arch: str
 ) -> str:
     """The A1111 `parameters` text of one sample.
 
     Layout (A1111 `create_infotext`): the prompt; `Negative prompt: ...` when there is one
-    that the model used; then `Key: value` pairs joined by `, `. On Flux, `Guidance` is the
-    distilled guidance and `CFG scale` appears only when true CFG ran; a negative prompt
-    that Flux ignored (no true CFG) is left out, so the text describes what was rendered.
+    that the model used; then `Key: value` pairs joined by `, `. On Flux and the other models
+    with embedded guidance, `Guidance` is the distilled guidance and `CFG scale` appears only
+    when true CFG ran; a negative prompt that such a model ignored (no true CFG) is left out, so
+    the text describes what was rendered. An edit model's reference images are `Control image`,
+    `Control image 2`... (full paths: the gallery shows them beside the samples).
     """
     spec = arch_spec(arch)
     try:
@@ -163,8 +168,8 @@ def infotext(
         "Sampler": sampler_label,
         "Schedule type": schedule_type,
     }
-    if spec.name == "flux":
-        true_cfg = uses_true_cfg(request)
+    if spec.guidance == "embedded":
+        true_cfg = spec.true_cfg and uses_true_cfg(request)
         params["CFG scale"] = _number(request.true_cfg_scale) if true_cfg else None
         params["Guidance"] = _number(request.guidance_scale)
         if not true_cfg:
@@ -181,6 +186,8 @@ def infotext(
             "Step": str(step) if step is not None else None,
         }
     )
+    for number, path in enumerate(request.control_images, start=1):
+        params[CONTROL_IMAGE_KEY if number == 1 else f"{CONTROL_IMAGE_KEY} {number}"] = path
     pairs = ", ".join(f"{key}: {_quote(value)}" for key, value in params.items() if value is not None)
     negative_line = f"\nNegative prompt: {negative}" if negative else ""
     return f"{request.prompt}{negative_line}\n{pairs}".strip()

@@ -34,7 +34,7 @@ from urllib.parse import quote
 from PIL import Image
 
 from sidecar.confined import ConfinedFolder
-from sidecar.publish.files import NOTE_PREFIX, VIDEO_SUFFIX, atomic_write, read_infotext
+from sidecar.publish.files import CONTROL_IMAGE_KEY, NOTE_PREFIX, VIDEO_SUFFIX, atomic_write, read_infotext
 from sidecar.publish.video import animation_fps, encode_webp, frame_count, load_frames
 from sidecar.settings import BASELINE_STEP, SamplesFolder
 
@@ -45,6 +45,9 @@ THUMBS_DIR = ".thumbs"  # hidden, so file browsers and `sidecar status` leave it
 THUMB_SIZE_PX = 256  # long side of a thumbnail; the page shows them at 160 px by default
 THUMB_QUALITY = 80  # WebP quality: thumbnails only need to show the picture
 STEP_GRID_NAME = "grid.png"  # written by sidecar.publish.grids.write_step_grid
+# `.thumbs/references/`: thumbnails of the samples' control images (JPEG, which the orphan sweep
+# of sample thumbnails leaves alone), named by a hash of the image's path.
+REFERENCES_DIR = "references"
 
 _SAMPLE_FILE = re.compile(r"^sample_(\d{2,})\.(png|jpg|webp)$")
 # A1111's infotext parameter line, as its `parse_generation_parameters` reads it.
@@ -221,6 +224,37 @@ def ensure_thumbnail(samples_dir: Path, image: Path) -> Path:
     return thumb
 
 
+def control_images(info: SampleInfo) -> list[str]:
+    """The reference images a sample was rendered from, as its infotext names them."""
+    keys = [CONTROL_IMAGE_KEY, *(f"{CONTROL_IMAGE_KEY} {number}" for number in range(2, 10))]
+    return [info.params[key] for key in keys if info.params.get(key)]
+
+
+def reference_thumbnail(samples_dir: Path, source: str) -> Path | None:
+    """The thumbnail of a control image, or None when it cannot be read (moved, deleted).
+
+    The image itself lies outside the samples folder and is only read; the thumbnail is written
+    inside it, like the samples' own.
+    """
+    name = hashlib.sha256(source.encode("utf-8")).hexdigest()[:20] + ".jpg"
+    thumb = Path(samples_dir) / THUMBS_DIR / REFERENCES_DIR / name
+    try:
+        if thumb.is_file() and thumb.stat().st_mtime >= Path(source).stat().st_mtime:
+            return thumb
+        with Image.open(source) as image:
+            small = image.convert("RGB")
+    except OSError as error:
+        logger.warning("cannot show control image %s in the gallery: %s", source, error)
+        return None
+    small.thumbnail((THUMB_SIZE_PX, THUMB_SIZE_PX), Image.Resampling.LANCZOS)
+    buffer = io.BytesIO()
+    small.save(buffer, format="JPEG", quality=THUMB_QUALITY)
+    data = buffer.getvalue()
+    with ConfinedFolder.open(samples_dir) as top, top.folders((THUMBS_DIR, REFERENCES_DIR)) as folder:
+        folder.write_atomic(name, lambda handle: handle.write(data), durable=False)
+    return thumb
+
+
 def remove_orphan_thumbnails(samples_dir: Path, samples: Mapping[int, Mapping[int, Path]]) -> int:
     """Delete thumbnails whose image is gone (a step re-rendered in another format, a step removed).
 
@@ -312,6 +346,22 @@ def _href(samples_dir: Path, path: Path) -> str:
     return html.escape(quote(path.relative_to(samples_dir).as_posix(), safe="/"))
 
 
+def _reference_cell(samples_dir: Path, images: list[tuple[str, Path | None]]) -> str:
+    """Each control image's thumbnail, linking to the image itself (a `file:` URL)."""
+    cells = []
+    for source, thumb in images:
+        name = html.escape(Path(source).name)
+        if thumb is None:
+            cells.append(f'<span class="missing" title="{html.escape(source)}">{name} (missing)</span>')
+            continue
+        link = html.escape(Path(source).resolve().as_uri())
+        cells.append(
+            f'<a href="{link}" title="{html.escape(source)}"><img src="{_href(samples_dir, thumb)}"'
+            f' loading="lazy" alt="{name}"></a>'
+        )
+    return "".join(cells)
+
+
 def render_page(
     samples_dir: Path,
     samples: Mapping[int, Mapping[int, Path]],
@@ -319,8 +369,14 @@ def render_page(
     infos: Mapping[int, SampleInfo],
     *,
     title: str,
+    references: Mapping[int, list[tuple[str, Path | None]]] | None = None,
 ) -> str:
-    """The HTML of the gallery (pure: reads nothing from disk but `grid.png`'s and MP4s' presence)."""
+    """The HTML of the gallery (pure: reads nothing from disk but `grid.png`'s and MP4s' presence).
+
+    `references`: per prompt, its control images and their thumbnails (None: unreadable), shown
+    as the row's first column; the column is there only when some prompt has one.
+    """
+    references = references or {}
     steps = list(samples)
     prompt_indexes = sorted({index for images in samples.values() for index in images})
     out: list[str] = [
@@ -336,6 +392,8 @@ def render_page(
         " hidden></label></header>",
         '<div class="scroll"><table id="gallery"><thead><tr><th class="prompt">prompt</th>',
     ]
+    if any(references.values()):
+        out.append('<th class="ref" title="the control images the samples were rendered from">reference</th>')
     for step in steps:
         label = html.escape(step_label(step))
         css = ' class="base" title="the base model without LoRA"' if step == BASELINE_STEP else ""
@@ -356,6 +414,8 @@ def render_page(
             f'<div class="text">{html.escape(info.prompt)}</div>{negative}'
             f'<div class="settings">{html.escape(_settings_text(info))}</div></th>'
         )
+        if any(references.values()):
+            out.append(f"<td>{_reference_cell(samples_dir, references.get(index, []))}</td>")
         for step in steps:
             image = samples[step].get(index)
             if image is None:
@@ -399,12 +459,17 @@ def build_gallery(samples_dir: Path, *, title: str | None = None) -> Path:
     if removed:
         logger.debug("removed %d stale thumbnail(s)", removed)
     infos = {index: read_sample_info(image) for index, image in latest.items()}
+    references = {
+        index: [(source, reference_thumbnail(samples_dir, source)) for source in control_images(info)]
+        for index, info in infos.items()
+    }
     page = render_page(
         samples_dir,
         samples,
         thumbs,
         infos,
         title=title or f"{samples_dir.resolve().parent.name or 'sidecar'} samples",
+        references=references,
     )
     index_path = samples_dir / INDEX_NAME
     data = page.encode("utf-8")

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
+from sidecar.arch import ARCH_SPECS
 from sidecar.errors import ConfigError
 from sidecar.plan.config import load_trainer_config
 from sidecar.plan.detect import detect_model_arch, resolve_arch
@@ -24,9 +25,9 @@ def test_arch_from_diffusers_folder(tmp_path: Path) -> None:
     folder.mkdir()
     (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
     assert detect_model_arch(folder) == ("sd3", "")
-    (folder / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline"}))
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "HunyuanVideoPipeline"}))
     arch, reason = detect_model_arch(folder)
-    assert arch is None and "WanPipeline" in reason
+    assert arch is None and "HunyuanVideoPipeline" in reason
     assert detect_model_arch(tmp_path)[1] == "a folder without model_index.json"
 
 
@@ -125,6 +126,5 @@ def test_resolve_arch_reads_the_model_when_nothing_says(tmp_path: Path) -> None:
         resolve_arch(ModelConfig(name_or_path="/no/such/model"), LOCATOR, "")
     assert str(caught.value) == (
         "train.yaml:2 model: cannot tell the architecture of '/no/such/model' (no such file or folder); "
-        "set `model.arch` to one of sdxl, sd3, chroma, flux2, flux, sd15, qwen_image, zimage, flux_kontext, "
-        "flux2_klein, qwen_image_edit, qwen_image_edit_plus"
+        "set `model.arch` to one of " + ", ".join(ARCH_SPECS)
     )

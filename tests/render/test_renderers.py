@@ -309,7 +309,7 @@ def test_renderer_registry_covers_every_architecture_and_names_the_known_ones():
     for arch in ARCH_SPECS:
         assert renderer_class(arch).spec.name == arch
     with pytest.raises(KeyError, match="chroma, flux, flux2, flux2_klein, flux_kontext, qwen_image"):
-        renderer_class("wan21")
+        renderer_class("sd2")
 
 
 @pytest.mark.parametrize("arch", ARCHS)

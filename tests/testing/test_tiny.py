@@ -120,8 +120,8 @@ def test_save_tiny_model_reuses_a_complete_folder(tmp_path, monkeypatch):
 
 
 def test_build_pipeline_rejects_an_unknown_architecture():
-    with pytest.raises(ValueError, match=r"`arch` must be one of .*'wan21'"):
-        build_pipeline("wan21")
+    with pytest.raises(ValueError, match=r"`arch` must be one of .*'sd2'"):
+        build_pipeline("sd2")
 
 
 def block_counts(pipe, arch: str) -> dict[str, object]:
