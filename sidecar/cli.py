@@ -183,6 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="also write each sample as a TensorBoard image at its step",
     )
+    watch.add_argument(
+        "--compile",
+        action="store_true",
+        help="compile the backbone's repeated blocks once (torch.compile); LoRA swaps keep the graph",
+    )
     pool_options(watch)
 
     status = commands.add_parser(
@@ -364,6 +369,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
         "slot_file": args.slot_file,
         "slot_file_mode": args.slot_file_mode,
         "tensorboard": args.tensorboard,
+        "compile": args.compile or None,
     }
     if args.runs is not None or args.ray is not None:
         from sidecar.app.coordinator import CoordinatorRequest, run_coordinator

@@ -166,6 +166,7 @@ class Settings(Section):
     poll_interval_seconds: NonNegativeNumber = POLL_INTERVAL_SECONDS
     polling: Flag = False  # watchdog's polling observer (network filesystems)
     follow_symlinks: Flag = False  # read checkpoints that are symlinks out of the watched folder
+    compile: Flag = False  # compile the backbone's repeated blocks once (sidecar.render.compile)
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:

@@ -89,6 +89,7 @@ def open_renderer(config: TrainerConfig, settings: Settings, plan: SamplePlan) -
             pixels=plan.largest_pixels,
             batch_size=plan.batch_size,
             lora_rank=config.lora_rank,
+            compile=settings.compile,
         )
     except ModelError as error:
         raise error.located(config.where(f"model.{error.key}")) from error

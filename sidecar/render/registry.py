@@ -11,6 +11,7 @@ from importlib import import_module
 
 from sidecar.plan.request import ModelSource
 from sidecar.render.base import Renderer
+from sidecar.render.compile import compile_backbone
 from sidecar.render.devices import resolve_device, resolve_dtype
 from sidecar.render.memory import Placement, plan_pipeline
 from sidecar.render.memory_plan import MEGAPIXEL
@@ -53,13 +54,15 @@ def load_renderer(
     pixels: int = MEGAPIXEL,
     batch_size: int = 1,
     lora_rank: int | None = None,
+    compile: bool = False,
 ) -> Renderer:
     """The base model, loaded once and placed on its device in its memory mode.
 
     `offload=auto` takes the memory plan's mode for the card (`memory_plan.py`), made for
     samples of `pixels` (width x height of the largest) in batches of `batch_size`, and a
-    LoRA of `lora_rank`. Raises `ModelError` naming the `model:` key whose file does not
-    load; the caller that knows the config puts the file and line in front.
+    LoRA of `lora_rank`. `compile` compiles the backbone's repeated blocks (`compile.py`).
+    Raises `ModelError` naming the `model:` key whose file does not load; the caller that
+    knows the config puts the file and line in front.
     """
     torch_device = resolve_device(device=device, gpu=gpu)
     torch_dtype = resolve_dtype(dtype, torch_device)
@@ -99,4 +102,6 @@ def load_renderer(
         renderer.placement.mode,
         ", text encoders on the CPU" if renderer.placement.encoders_on_cpu else "",
     )
+    if compile:
+        compile_backbone(renderer, mode=renderer.placement.mode)
     return renderer

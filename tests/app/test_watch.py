@@ -333,6 +333,18 @@ def test_follow_symlinks_on_the_command_line_reaches_the_daemons_settings(make_s
     assert Settings().merged(follow_symlinks=True).follow_symlinks and not Settings().follow_symlinks
 
 
+def test_compile_on_the_command_line_reaches_the_daemons_settings(make_site, monkeypatch) -> None:
+    from sidecar.cli import main
+
+    site = make_site()
+    requests: list[WatchRequest] = []
+    monkeypatch.setattr("sidecar.app.watch.run_watch", lambda request: requests.append(request) or 0)
+    args = ["watch", str(site.output_dir), "--config", str(site.config_path)]
+    assert main([*args, "--compile"]) == 0 and main(args) == 0
+    assert [request.overrides["compile"] for request in requests] == [True, None]
+    assert Settings().merged(compile=True).compile and not Settings().compile
+
+
 @pytest.mark.parametrize(
     "entry", [".sidecar", ".sidecar/cache", ".sidecar/daemon.lock", ".sidecar/jobs.sqlite3"]
 )
