@@ -81,6 +81,29 @@ def tiny_sdxl(tiny_models) -> Path:
 
 
 # ---------------------------------------------------------------------------------
+# Wide models: real layer widths, few blocks (owned by tests/render/test_formats_*.py).
+# Each is built once per session (a few seconds, 0.8-2.5 GB on disk) when a test asks for it.
+# ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def wide_model(tmp_path_factory, quiet_diffusers, single_threaded_torch) -> Callable[..., Path]:
+    """`wide_model(arch, sd3_variant="medium") -> folder`, see `sidecar.testing.wide`."""
+    from sidecar.testing.wide import save_wide_model
+
+    root = tmp_path_factory.mktemp("wide-models")
+
+    def get(arch: str, sd3_variant: str = "medium") -> Path:
+        name = f"wide-{arch}" if arch != "sd3" else f"wide-sd3-{sd3_variant}"
+        return save_wide_model(arch, root / name, sd3_variant=sd3_variant)
+
+    return get
+
+
+# --- end of the wide-model block ---------------------------------------------------
+
+
+# ---------------------------------------------------------------------------------
 # The newer architectures' tiny models and LoRA files (owned by tests/render/test_sd15.py,
 # test_chroma.py, test_flux_kontext.py, test_flux2.py, test_qwen_image.py, test_zimage.py).
 # Each model is built once per session, when a test first asks for it (0.1-1 s each).

@@ -32,11 +32,17 @@ ATTENTION_KWARGS = {
     "flux": "joint_attention_kwargs",
 }
 # LoRA formats that apply to no layer (diffusers ignores them without an error): sidecar must raise.
-# (kohya SD 3.5, which diffusers ignores too, sidecar converts itself.)
 NOT_APPLYING = (("sdxl", "unprefixed"), ("sd3", "unprefixed"), ("flux", "unprefixed"))
+# kohya SD 3.5: diffusers ignores it too; sidecar converts it (`render/adapters/convert_kohya.py`).
+CONVERTED_BY_SIDECAR = (("sd3", "kohya"),)
+# Formats diffusers applies itself, so a plain call with the file is the reference.
 APPLYING = tuple(
-    (arch, fmt) for arch in ARCHS for fmt in LORA_FORMATS[arch] if (arch, fmt) not in NOT_APPLYING
+    (arch, fmt)
+    for arch in ARCHS
+    for fmt in LORA_FORMATS[arch]
+    if (arch, fmt) not in NOT_APPLYING + CONVERTED_BY_SIDECAR
 )
+SIDECAR_APPLYING = APPLYING + CONVERTED_BY_SIDECAR  # what sidecar's renderers apply
 TEXT_ENCODER_FORMATS = ("peft", "kohya", "kohya_sgm")  # SDXL
 
 
@@ -164,19 +170,19 @@ def module_delta(tensors: dict[str, torch.Tensor], key: str, *, default_alpha: f
     if down is not None:
         up = get("lora_up.weight") if get("lora_up.weight") is not None else get("lora_B.weight")
         rank = down.shape[0]
-        delta = up.flatten(1).double() @ down.flatten(1).double()
+        delta = up.flatten(1).float() @ down.flatten(1).float()
         return (delta * ((alpha if alpha is not None else rank) / rank)).reshape(up.shape[0], *down.shape[1:])
     if get("hada_w1_a") is not None:
         rank = get("hada_w1_b").shape[0]
-        first = get("hada_w1_a").double() @ get("hada_w1_b").double()
-        second = get("hada_w2_a").double() @ get("hada_w2_b").double()
+        first = get("hada_w1_a").float() @ get("hada_w1_b").float()
+        second = get("hada_w2_a").float() @ get("hada_w2_b").float()
         return first * second * ((alpha if alpha is not None else rank) / rank)
 
     def factor(index: int) -> torch.Tensor:
         full = get(f"lokr_w{index}")
         if full is not None:
-            return full.double()
-        return get(f"lokr_w{index}_a").double() @ get(f"lokr_w{index}_b").double()
+            return full.float()
+        return get(f"lokr_w{index}_a").float() @ get(f"lokr_w{index}_b").float()
 
     w1, w2 = factor(1), factor(2)
     full = get("lokr_w1") is not None and get("lokr_w2") is not None
@@ -185,8 +191,11 @@ def module_delta(tensors: dict[str, torch.Tensor], key: str, *, default_alpha: f
     return torch.kron(w1, w2.flatten(1)) * scale  # conv kernels ride along in the columns
 
 
-def reference_deltas(written, pipe: DiffusionPipeline) -> Iterator[tuple[torch.nn.Module, torch.Tensor]]:
-    """(layer, change) of each layer a `WrittenLora` covers, fused rows split by the layers' widths.
+def reference_deltas(
+    written, pipe: DiffusionPipeline
+) -> Iterator[tuple[tuple[str, str], torch.nn.Module, torch.Tensor]]:
+    """((component, name), layer, change) of each layer a `WrittenLora` covers, fused rows
+    split by the layers' widths.
 
     One layer at a time: a LoRA on every layer of a wide model changes as many weights as
     the model has.
@@ -204,19 +213,138 @@ def reference_deltas(written, pipe: DiffusionPipeline) -> Iterator[tuple[torch.n
         for target, part, layer in zip(targets, rows, layers, strict=True):
             if target.swap_halves:
                 part = torch.cat(part.chunk(2)[::-1])
-            yield layer, part.reshape(layer.weight.shape).float()
+            yield (target.component, target.module), layer, part.reshape(layer.weight.shape)
 
 
 def merged_render(
-    folder: Path, arch: str, request: SampleRequest, written=None, **call_arguments
+    folder: Path, arch: str, request: SampleRequest, written=None, *, pipe=None, **call_arguments
 ) -> np.ndarray:
     """`request` rendered by a plain pipeline whose weights had `written`'s changes added (at the
-    request's strength) from the format's own definition; no LoRA is loaded. `written=None`: the base."""
-    pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32, local_files_only=True)
-    pipe.set_progress_bar_config(disable=True)
+    request's strength) from the format's own definition; no LoRA is loaded. `written=None`: the base.
+
+    With `pipe` (a plain pipeline kept between renders) the changed layers get their base
+    weights back from the model's files after the render.
+    """
+    fresh = pipe is None
+    if fresh:
+        pipe = DiffusionPipeline.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
+        pipe.set_progress_bar_config(disable=True)
+    changed: list[tuple[str, str]] = []
     if written is not None:
         with torch.no_grad():
-            for layer, delta in reference_deltas(written, pipe):
+            for (component, name), layer, delta in reference_deltas(written, pipe):
                 layer.weight.add_(delta * request.strength)
-    (image,) = plain_call(folder, arch, [request], pipe=pipe, **call_arguments)
+                changed.append((component, name))
+    try:
+        (image,) = plain_call(folder, arch, [request], pipe=pipe, **call_arguments)
+    finally:
+        if changed and not fresh:
+            restore_base_weights(pipe, folder, changed)
     return image
+
+
+def restore_base_weights(pipe: DiffusionPipeline, folder: Path, layers: list[tuple[str, str]]) -> None:
+    """Copy the saved base weights of `layers` back into `pipe`."""
+    from safetensors import safe_open
+
+    wanted: dict[str, dict[str, torch.nn.Module]] = {}
+    for component, name in layers:
+        wanted.setdefault(component, {})[f"{name}.weight"] = getattr(pipe, component).get_submodule(name)
+    with torch.no_grad():
+        for component, tensors in wanted.items():
+            for path in sorted((folder / component).glob("*.safetensors")):
+                with safe_open(str(path), framework="pt") as handle:
+                    for key in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
+                        if key in tensors:
+                            tensors[key].weight.copy_(handle.get_tensor(key))
+
+
+# ---------------------------------------------------------------------------------
+# Every trainer's format against the merged reference (tests/render/test_formats_*.py)
+# ---------------------------------------------------------------------------------
+
+SHORT_T5 = 32  # T5 tokens in the format tests: a LoRA's weights do not depend on the prompt length
+MAX_DIFFERENCE = 2  # of 255: sidecar's image against the merged reference
+MIN_CHANGE = 0.3  # mean pixel change a LoRA must cause against the base render
+# Formats diffusers loads by itself from the file: its own render must match the reference too.
+DIFFUSERS_LOADS = {
+    ("sdxl", "peft"),
+    ("sdxl", "kohya"),
+    ("sdxl", "kohya_sgm"),
+    ("sdxl", "onetrainer_legacy"),
+    ("sdxl", "lycoris_locon"),
+    ("sd3", "peft"),
+    ("flux", "peft"),
+    ("flux", "kohya"),
+    ("flux", "kohya_split_qkv"),
+    ("flux", "onetrainer"),
+}
+
+
+def short_t5(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Renderers and plain calls encode SHORT_T5 tokens: the wide T5 widths stay, the cost goes."""
+    monkeypatch.setattr("sidecar.render.flux.T5_MAX_SEQUENCE_LENGTH", SHORT_T5)
+    monkeypatch.setattr("sidecar.render.sd3.T5_MAX_SEQUENCE_LENGTH", SHORT_T5)
+    return {"max_sequence_length": SHORT_T5}
+
+
+def mean_change(first: np.ndarray, second: np.ndarray) -> float:
+    return float(np.abs(first.astype(np.int16) - second.astype(np.int16)).mean())
+
+
+class FormatBench:
+    """One model's sidecar renderer and plain reference pipeline, kept for every format checked.
+
+    Loading a wide model costs more than rendering it once, so both stay loaded: the renderer
+    swaps from one format to the next (as a user switching LoRAs), the reference pipeline
+    takes each file's changes into its weights for one render and gives them back.
+    """
+
+    def __init__(self, folder: Path, arch: str, request: SampleRequest, call_arguments: dict) -> None:
+        from sidecar.render.registry import renderer_class
+
+        self.folder, self.arch, self.request, self.call_arguments = folder, arch, request, call_arguments
+        self.reference = DiffusionPipeline.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
+        self.reference.set_progress_bar_config(disable=True)
+        self.renderer = renderer_class(arch).from_model(folder)
+        self.base = self.merged(None)
+
+    def merged(self, written) -> np.ndarray:
+        return merged_render(
+            self.folder, self.arch, self.request, written, pipe=self.reference, **self.call_arguments
+        )
+
+    def check(self, lora_format: str, path: Path) -> int:
+        """Write `lora_format`, render it with sidecar and merged into the weights; assert they match,
+        that both differ from the base, and that diffusers' own load matches where it loads the
+        format. Returns the largest pixel difference seen."""
+        from sidecar.testing.trainer_loras import write_trainer_lora
+
+        written = write_trainer_lora(self.folder, self.arch, path, lora_format)
+        report = self.renderer.apply_lora(written.path)
+        assert report.injected_total > 0
+        ours = render_one(self.renderer, self.request)
+        merged = self.merged(written)
+        difference = max_difference(ours, merged)
+        label = f"{self.arch} {lora_format}"
+        assert difference <= MAX_DIFFERENCE, (
+            f"{label}: sidecar differs from the merged weights by {difference}"
+        )
+        assert mean_change(merged, self.base) > MIN_CHANGE, f"{label}: the LoRA changes nothing"
+        assert mean_change(ours, self.base) > MIN_CHANGE
+        if (self.arch, lora_format) in DIFFUSERS_LOADS:
+            plain = self.diffusers_render(written.path)
+            assert max_difference(plain, merged) <= MAX_DIFFERENCE, f"diffusers' load of {label} differs"
+            difference = max(difference, max_difference(plain, merged))
+        return difference
+
+    def diffusers_render(self, path: Path) -> np.ndarray:
+        """diffusers loading the file itself onto the reference pipeline, unloaded after."""
+        self.reference.load_lora_weights(str(path), adapter_name="reference")
+        try:
+            (image,) = plain_call(
+                self.folder, self.arch, [self.request], lora=path, pipe=self.reference, **self.call_arguments
+            )
+        finally:
+            self.reference.unload_lora_weights()
+        return image

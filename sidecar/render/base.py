@@ -239,6 +239,7 @@ class Renderer(ABC):
         )
         if self.lora is not None:
             arguments[self.attention_kwargs] = {"scale": first.strength}
+            self.adapter.set_strength(first.strength)  # LyCORIS and T5 adapters take it here
         yield from zip(batch, self.outputs(batch, self.pipe(**arguments)), strict=True)
 
     def outputs(self, batch: Sequence[SampleRequest], output: Any) -> Sequence[Any]:
@@ -256,6 +257,8 @@ class Renderer(ABC):
         if key not in self._embeddings:
             lora_scale = request.strength if key[2] is not None else None
             # as inside `__call__`: autograd changes the attention kernels
+            if lora_scale is not None:
+                self.adapter.set_strength(lora_scale)
             with torch.no_grad(), self._encoders_attached():
                 self._embeddings[key] = self.encode_request(request, lora_scale)
         return self._embeddings[key]

@@ -20,6 +20,7 @@ from diffusers.utils import logging as diffusers_logging
 from transformers.utils import logging as transformers_logging
 
 from sidecar.errors import CheckpointError, ModelError
+from sidecar.render.single_file import load_single_file
 from sidecar.weights import PICKLE_SUFFIXES, SAFETENSORS_SUFFIX, refuse_pickle
 
 WEIGHT_SUFFIXES = PICKLE_SUFFIXES | {SAFETENSORS_SUFFIX}
@@ -76,7 +77,7 @@ def load_base_pipeline(
     try:
         if path.is_file():
             refuse_pickle(path)
-            return pipeline_class.from_single_file(str(path), dtype=dtype, local_files_only=True)
+            return load_single_file(pipeline_class, path, dtype=dtype)  # sidecar's shipped configs
         if path.is_dir():
             refuse_pickled_folder(path, key="name_or_path")
         return pipeline_class.from_pretrained(

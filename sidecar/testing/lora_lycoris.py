@@ -50,12 +50,14 @@ def write_lycoris(
     seed: int,
     scale: float = 1.0,
     rename: Callable[[str], str] | None = None,
+    keep: Callable[[str], bool] = lambda name: True,
     **algo_options,
 ) -> WrittenLora:
     """A LyCORIS network on `module` with random factors, saved as the library saves it.
 
     `rename` maps a module path to the trainer's key prefix (default: LyCORIS' own
-    `lycoris_<path>`); `algo_options` go to the network (`factor`, `conv_dim`, `full_matrix`…).
+    `lycoris_<path>`); `keep` chooses the modules written; `algo_options` go to the network
+    (`factor`, `conv_dim`, `full_matrix`…).
     """
     from lycoris.wrapper import LycorisNetwork
 
@@ -82,8 +84,10 @@ def write_lycoris(
     tensors: dict[str, torch.Tensor] = {}
     modules: dict[str, tuple[Target, ...]] = {}
     for lora in network.loras:
-        _randomize(lora, generator, scale)
         name = paths[lora.lora_name]
+        if not keep(name):
+            continue
+        _randomize(lora, generator, scale)
         key = rename(name) if rename else lora.lora_name
         for suffix, tensor in lora.state_dict().items():
             tensors[f"{key}.{suffix}"] = tensor.detach().clone()
@@ -93,10 +97,27 @@ def write_lycoris(
 
 @torch.no_grad()
 def _randomize(lora: torch.nn.Module, generator: torch.Generator, scale: float) -> None:
-    """Random factors, then the first one rescaled so the layer's change has a set size."""
-    factors = [parameter for name, parameter in lora.named_parameters() if not name.endswith("alpha")]
-    for parameter in factors:
+    """Standard-normal factors, the first rescaled so the layer's change has a set size.
+
+    The change's spread follows from the factor shapes (a sum over the rank of products of
+    normal entries), so no weight is built here.
+    """
+    factors = dict(lora.named_parameters())
+    for parameter in factors.values():
         parameter.copy_(torch.randn(parameter.shape, generator=generator))
-    delta = lora.get_diff_weight(multiplier=1.0, shape=lora.shape)[0]
-    fan_in = delta[0].numel()
-    factors[0].mul_(scale * DELTA_STD * fan_in**-0.5 / float(delta.std()))
+    fan_in = int(torch.tensor(lora.shape[1:]).prod())
+    first = next(iter(factors.values()))
+    first.mul_(scale * DELTA_STD * fan_in**-0.5 / (_delta_spread(factors) * float(lora.scale)))
+
+
+def _delta_spread(factors: dict[str, torch.Tensor]) -> float:
+    """Standard deviation of a module's unscaled change when all its factors are standard normal."""
+    if "hada_w1_a" in factors:  # (w1a @ w1b) * (w2a @ w2b): each product has variance rank
+        return float(factors["hada_w1_b"].shape[0])
+    if "lokr_w1" in factors or "lokr_w1_a" in factors:  # kron(w1, w2), a factor maybe w_a @ w_b
+        spread = 1.0
+        for index in (1, 2):
+            if f"lokr_w{index}_a" in factors:
+                spread *= factors[f"lokr_w{index}_a"].shape[1] ** 0.5
+        return spread
+    return factors["lora_down.weight"].shape[0] ** 0.5  # LoCon: up @ down

@@ -82,6 +82,9 @@ SIMPLETUNER_LOKR = {
         "FeedForward": {"factor": 4},
     },
 }
+# A third of the SDXL layers LyCORIS wraps, from every UNet level: what a LoHa costs per
+# denoising step on CPU grows with them (it rebuilds each changed weight per call).
+SDXL_LYCORIS_KEPT = r"(resnets\.0\.|samplers\.0\.|attentions\.0\.)"
 KOHYA_LYCORIS = {"target_module": ["Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D"]}
 
 
@@ -193,6 +196,7 @@ def _write_lycoris(path, model_folder, arch, lora_format, shapes, *, rank, alpha
             linear_dim=rank,
             linear_alpha=alpha,
             rename=lambda name: "lora_unet_" + sgm[name].replace(".", "_"),
+            keep=lambda name: re.search(SDXL_LYCORIS_KEPT, name) is not None,
             factor=8,
             **common,
         )
@@ -218,13 +222,16 @@ def _write_lycoris(path, model_folder, arch, lora_format, shapes, *, rank, alpha
 
 
 def _load_denoiser(model_folder: str | Path, arch: str):
+    """The denoiser's structure on the meta device: LyCORIS needs its layers' shapes, not weights."""
     import diffusers
+    import torch
 
     model_class = {
         "sdxl": "UNet2DConditionModel",
         "sd3": "SD3Transformer2DModel",
         "flux": "FluxTransformer2DModel",
     }
-    return getattr(diffusers, model_class[arch]).from_pretrained(
-        Path(model_folder) / DENOISER[arch], local_files_only=True
-    )
+    cls = getattr(diffusers, model_class[arch])
+    config = cls.load_config(Path(model_folder) / DENOISER[arch])
+    with torch.device("meta"):
+        return cls.from_config(config)

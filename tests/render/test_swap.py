@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 from diffusers_reference import (
-    APPLYING,
     ARCHS,
     NOT_APPLYING,
+    SIDECAR_APPLYING,
     TEXT_ENCODER_FORMATS,
     params,
     plain_call,
@@ -41,7 +41,7 @@ pytestmark = [
 # ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("arch", "lora_format"), params(APPLYING))
+@pytest.mark.parametrize(("arch", "lora_format"), params(SIDECAR_APPLYING))
 def test_lora_changes_the_image(arch, lora_format, tiny_lora, new_renderer, base_images):
     renderer = new_renderer(arch)
     report = renderer.apply_lora(tiny_lora(arch, lora_format))
@@ -51,7 +51,7 @@ def test_lora_changes_the_image(arch, lora_format, tiny_lora, new_renderer, base
     assert mean_change > 1.0, f"the LoRA moved pixels by {mean_change:.3f} on average"
 
 
-@pytest.mark.parametrize(("arch", "lora_format"), params(APPLYING))
+@pytest.mark.parametrize(("arch", "lora_format"), params(SIDECAR_APPLYING))
 def test_hotswapped_lora_equals_freshly_loaded(arch, lora_format, tiny_lora, new_renderer):
     first, second = tiny_lora(arch, lora_format, seed=11), tiny_lora(arch, lora_format, seed=12)
     renderer = new_renderer(arch)
@@ -67,7 +67,7 @@ def test_hotswapped_lora_equals_freshly_loaded(arch, lora_format, tiny_lora, new
     assert not np.array_equal(swapped, first_image), "the swap left the first LoRA's weights"
 
 
-@pytest.mark.parametrize(("arch", "lora_format"), params(APPLYING))
+@pytest.mark.parametrize(("arch", "lora_format"), params(SIDECAR_APPLYING))
 def test_next_checkpoint_of_a_run_is_copied_in_place_without_diffusers_loader(
     arch, lora_format, tiny_lora, new_renderer, monkeypatch
 ):
@@ -135,7 +135,7 @@ def test_swapped_text_encoder_lora_equals_freshly_loaded(lora_format, tiny_lora,
 
 
 STRENGTH_CASES = (
-    *((arch, fmt, False) for arch, fmt in APPLYING),
+    *((arch, fmt, False) for arch, fmt in SIDECAR_APPLYING),
     ("sdxl", "peft", True),
     ("sdxl", "kohya", True),
 )

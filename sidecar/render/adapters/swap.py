@@ -25,13 +25,19 @@ import torch
 from diffusers import DiffusionPipeline
 from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
 from diffusers.utils import convert_unet_state_dict_to_peft
-from diffusers.utils.peft_utils import delete_adapter_layers
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file
 
 from sidecar.arch import ARCH_SPECS, ArchSpec
 from sidecar.errors import LoraError
 from sidecar.render.adapters.conversion import Layers
+from sidecar.render.adapters.encoders import (
+    inject_encoder_lora,
+    layer_widths,
+    remove_encoder_lora,
+    set_encoder_strength,
+    skipped_encoders,
+)
 from sidecar.render.adapters.lora_files import (
     LoraFile,
     LoraReport,
@@ -67,6 +73,7 @@ class AdapterSlot:
         self._alphas: object = None
         self._injected: dict[str, int] = {}
         self._route: Route | None = None
+        self._shapes: dict[str, tuple[int, ...]] = {}  # of the loaded file's converted tensors
         self._layers: Layers | None = None
         self.lycoris = LycorisSlot(pipe)
         self._extra: dict[str, torch.nn.Module] = {}  # text encoders loaded outside diffusers' loader
@@ -91,8 +98,10 @@ class AdapterSlot:
         expected = expected_modules(converted)
         if in_place_allowed and route == self._route and self._copy_into_adapter(lora, converted, alphas):
             return self._loaded(lora, expected, self._injected, hotswapped=True)
-        extra = self._extra_components(converted)
-        hotswap = self._can_hotswap(lora) and route == self._route and not extra
+        extra = skipped_encoders(converted, self.pipeline_class, self.pipe)
+        shapes = {key: tuple(value.shape) for key, value in converted.items()}
+        # diffusers' hot-swap needs the loaded adapter's ranks (a kohya split-qkv file has 3x the rank)
+        hotswap = self._can_hotswap(lora) and route == self._route and not extra and shapes == self._shapes
         if hotswap:
             try:
                 self.pipe.load_lora_weights(_fresh(source), adapter_name=ADAPTER_NAME, hotswap=True)
@@ -103,7 +112,8 @@ class AdapterSlot:
             self.remove()
             try:
                 self.pipe.load_lora_weights(_fresh(source), adapter_name=ADAPTER_NAME)
-                self._load_extra_components(extra)
+                for component, weights in extra.items():
+                    self._extra[component] = inject_encoder_lora(self.pipe, component, weights, ADAPTER_NAME)
             except (RuntimeError, ValueError, KeyError) as error:
                 self.remove()
                 raise LoraError(self._load_error_message(lora, error)) from error
@@ -114,6 +124,7 @@ class AdapterSlot:
             self.remove()
             raise
         self._weights = self._adapter_parameters()
+        self._shapes = shapes
         self._alphas = alphas
         self._injected = injected
         self._route = route
@@ -139,6 +150,7 @@ class AdapterSlot:
         ):
             return self._loaded(lora, expected, self._injected, hotswapped=True)
         self.remove()
+        self._unwrap_peft_layers()
         injected = self.lycoris.apply(weights)
         try:
             check_applied(lora, expected, injected, arch=self.spec.name)
@@ -148,57 +160,30 @@ class AdapterSlot:
         self._injected = injected
         return self._loaded(lora, expected, injected, hotswapped=False)
 
-    def _extra_components(self, converted: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-        """LoRA weights for text encoders the pipeline's loader skips without a word (T5 on Flux
-        and SD 3.5: `_lora_loadable_modules` lacks them)."""
-        loadable = set(getattr(self.pipeline_class, "_lora_loadable_modules", ()))
-        extra: dict[str, dict[str, torch.Tensor]] = {}
-        for key, value in converted.items():
-            component = key.split(".", 1)[0]
-            if component not in loadable and isinstance(getattr(self.pipe, component, None), torch.nn.Module):
-                extra.setdefault(component, {})[key] = value
-        return extra
-
-    def _load_extra_components(self, extra: dict[str, dict[str, torch.Tensor]]) -> None:
-        """Inject those text encoders' weights with PEFT, one rank per layer, alpha folded (scale 1)."""
-        from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
-
-        for component, weights in extra.items():
-            encoder = getattr(self.pipe, component)
-            part = {key.removeprefix(f"{component}."): value for key, value in weights.items()}
-            ranks = {
-                key.removesuffix(".lora_B.weight"): value.shape[1]
-                for key, value in part.items()
-                if key.endswith(".lora_B.weight")
-            }
-            rank = next(iter(ranks.values()))
-            config = LoraConfig(
-                r=rank,
-                lora_alpha=rank,
-                target_modules=sorted(ranks),
-                rank_pattern={f"^{name}$": value for name, value in ranks.items()},
-                alpha_pattern={f"^{name}$": value for name, value in ranks.items()},
-            )
-            inject_adapter_in_model(config, encoder, adapter_name=ADAPTER_NAME)
-            set_peft_model_state_dict(encoder, part, adapter_name=ADAPTER_NAME)
-            self._extra[component] = encoder
+    def _unwrap_peft_layers(self) -> None:
+        """Take out the PEFT wrappers an earlier LoRA left (they stay for hot-swaps): LyCORIS
+        wraps the plain layers."""
+        if any(
+            isinstance(module, BaseTunerLayer)
+            for component in self.pipe.components.values()
+            if isinstance(component, torch.nn.Module)
+            for module in component.modules()
+        ):
+            self.pipe.unload_lora_weights()
 
     def set_strength(self, strength: float) -> None:
         """The LoRA's strength for the next call: LyCORIS networks take it as their multiplier,
         and text encoders outside the pipeline's LoRA loader (which its `encode_prompt` does
         not scale) as their PEFT scale; the others take it from the call's kwargs."""
         self.lycoris.set_multiplier(strength)
-        for encoder in self._extra.values():
-            for module in encoder.modules():
-                if isinstance(module, BaseTunerLayer) and ADAPTER_NAME in getattr(module, "lora_A", {}):
-                    module.set_scale(ADAPTER_NAME, strength)
+        set_encoder_strength(self._extra, strength, ADAPTER_NAME)
 
     def remove(self) -> None:
         """Unload the LoRA: the pipeline renders the base model again."""
         if ADAPTER_NAME in self._adapter_names():
             self.pipe.delete_adapters(ADAPTER_NAME)
         for encoder in self._extra.values():
-            delete_adapter_layers(encoder, ADAPTER_NAME)
+            remove_encoder_lora(encoder, ADAPTER_NAME)
         self._extra = {}
         self.lycoris.remove()
         self.lora = None
@@ -265,9 +250,15 @@ class AdapterSlot:
         return True
 
     def _adapter_parameters(self) -> dict[str, dict[str, torch.nn.Parameter]]:
-        """The adapter's LoRA matrices, `{component: {"<module>.lora_A.weight": parameter}}`."""
+        """The adapter's LoRA matrices, `{component: {"<module>.lora_A.weight": parameter}}`.
+
+        diffusers loads a fused layer's shared down matrix (kohya's qkv) as one tensor behind
+        q, k and v: each gets its own storage here, or copying the next checkpoint's three
+        downs in place would leave all three the last one.
+        """
         marker = f".{ADAPTER_NAME}."
         weights: dict[str, dict[str, torch.nn.Parameter]] = {}
+        storages: set[int] = set()
         for name, component in self.pipe.components.items():
             if not isinstance(component, torch.nn.Module):
                 continue
@@ -276,6 +267,10 @@ class AdapterSlot:
                 for key, parameter in component.named_parameters()
                 if marker in key and (".lora_A." in key or ".lora_B." in key)
             }
+            for parameter in found.values():
+                if parameter.data_ptr() in storages:
+                    parameter.data = parameter.data.clone()
+                storages.add(parameter.data_ptr())
             if found:
                 weights[name] = found
         return weights
@@ -372,17 +367,3 @@ class AdapterSlot:
 def _fresh(source: str | dict[str, torch.Tensor]) -> str | dict[str, torch.Tensor]:
     """What `load_lora_weights` takes: a path, or a copy of a state dict (diffusers pops from it)."""
     return dict(source) if isinstance(source, dict) else source
-
-
-def layer_widths(component: torch.nn.Module) -> dict[str, int]:
-    """`{layer: out features}` of a component's linear and conv layers, seen through adapter wrappers."""
-    widths: dict[str, int] = {}
-    for name, module in component.named_modules():
-        if ".base_layer" in f".{name}." or ".lora_" in f".{name}" or "sidecar_lycoris" in name:
-            continue
-        base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
-        if isinstance(base, torch.nn.Linear):
-            widths[name] = base.out_features
-        elif isinstance(base, torch.nn.Conv2d):
-            widths[name] = base.out_channels
-    return widths
