@@ -300,10 +300,19 @@ class FormatBench:
     takes each file's changes into its weights for one render and gives them back.
     """
 
-    def __init__(self, folder: Path, arch: str, request: SampleRequest, call_arguments: dict) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        arch: str,
+        request: SampleRequest,
+        call_arguments: dict,
+        *,
+        diffusers_checks: set[tuple[str, str]] | None = None,
+    ) -> None:
         from sidecar.render.registry import renderer_class
 
         self.folder, self.arch, self.request, self.call_arguments = folder, arch, request, call_arguments
+        self.diffusers_checks = DIFFUSERS_LOADS if diffusers_checks is None else diffusers_checks
         self.reference = DiffusionPipeline.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
         self.reference.set_progress_bar_config(disable=True)
         self.renderer = renderer_class(arch).from_model(folder)
@@ -332,7 +341,7 @@ class FormatBench:
         )
         assert mean_change(merged, self.base) > MIN_CHANGE, f"{label}: the LoRA changes nothing"
         assert mean_change(ours, self.base) > MIN_CHANGE
-        if (self.arch, lora_format) in DIFFUSERS_LOADS:
+        if (self.arch, lora_format) in self.diffusers_checks:
             plain = self.diffusers_render(written.path)
             assert max_difference(plain, merged) <= MAX_DIFFERENCE, f"diffusers' load of {label} differs"
             difference = max(difference, max_difference(plain, merged))

@@ -18,6 +18,9 @@ ARCH = "sd3"
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:__array:DeprecationWarning")]
 FORMATS = [lora_format for lora_format in TRAINER_FORMATS[ARCH] if lora_format != "eridiffusion"]
 REQUEST = sample(ARCH, steps=1)
+# diffusers' own load is checked against the reference on the tiny models for every format it
+# loads; here only where its converter depends on the widths.
+WIDE_DIFFUSERS_CHECKS = set()
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +31,7 @@ def short():
 
 @pytest.fixture(scope="module")
 def bench(wide_model, short) -> FormatBench:
-    return FormatBench(wide_model(ARCH), ARCH, REQUEST, short)
+    return FormatBench(wide_model(ARCH), ARCH, REQUEST, short, diffusers_checks=WIDE_DIFFUSERS_CHECKS)
 
 
 @pytest.mark.parametrize("lora_format", FORMATS)
@@ -36,12 +39,12 @@ def test_format_matches_the_merged_weights(lora_format, bench, tmp_path, record_
     record_property("max_pixel_difference", bench.check(lora_format, tmp_path / f"{lora_format}.safetensors"))
 
 
-LARGE_FORMATS = ["peft", "kohya", "lycoris_lokr"]
+LARGE_FORMATS = ["kohya"]  # sidecar's converter splits the fused qkv by the 2432-wide layers
 
 
 @pytest.fixture(scope="module")
 def large_bench(wide_model, short) -> FormatBench:
-    return FormatBench(wide_model(ARCH, "large"), ARCH, REQUEST, short)
+    return FormatBench(wide_model(ARCH, "large"), ARCH, REQUEST, short, diffusers_checks=set())
 
 
 @pytest.mark.parametrize("lora_format", LARGE_FORMATS)
