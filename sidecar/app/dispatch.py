@@ -4,10 +4,14 @@ One iteration (`loop_once(now)`), driven by tests with fake time and no threads:
 
 1. ask the slot gate whether the card is free; while it is not, park the pipeline;
 2. load the base model on first need (a `ModelError` stops the daemon: no checkpoint
-   can render until it is fixed);
+   can render until it is fixed), or take the one `preload` began loading on a thread
+   while the intake copied and hashed the first checkpoints;
 3. claim the next checkpoint (backlog policy), apply its LoRA, render its pending
    samples with the plan stored with it, marking each done as its file lands, then
-   close the checkpoint, publish the step and drop its cached copy.
+   close the checkpoint, hand the step to the publisher (grid, gallery, TensorBoard:
+   on a thread of its own in the daemon, so the next checkpoint starts at once) and drop
+   its cached copy. The first iteration also publishes steps a killed process rendered
+   but left unpublished.
 
 A checkpoint whose bytes equal an earlier one's gets its own step all the same: samples
 that checkpoint rendered with the same settings become hard links of its images.
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -40,7 +45,7 @@ from sidecar.jobs.policy import write_retry_delay_seconds
 from sidecar.jobs.records import CheckpointJob, ClaimedCheckpoint, SampleJob
 from sidecar.jobs.store import JobStore
 from sidecar.publish.files import SampleWriteError, link_sample
-from sidecar.publish.step import publish_step
+from sidecar.publish.step import StepPublisher, is_published
 from sidecar.publish.tensorboard import TensorBoardSink
 from sidecar.render.slots import SlotGate
 from sidecar.settings import Backlog
@@ -63,12 +68,38 @@ def _is_cuda_oom(error: BaseException) -> bool:
     return is_cuda_oom(error)
 
 
+class _Preload:
+    """The base model loading on a thread of its own; `result()` waits for it (or its error)."""
+
+    def __init__(self, factory: RendererFactory) -> None:
+        self._factory = factory
+        self._renderer: Renderer | None = None
+        self._error: BaseException | None = None
+        self.started = time.perf_counter()
+        self._thread = threading.Thread(target=self._load, name="sidecar-load-base", daemon=True)
+        self._thread.start()
+
+    def _load(self) -> None:
+        try:
+            self._renderer = self._factory()
+        except BaseException as error:  # handed to the dispatch loop, which stops on a ModelError
+            self._error = error
+
+    def result(self) -> Renderer:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._renderer is not None
+        return self._renderer
+
+
 class Dispatcher:
     """Ready checkpoints in the store -> images on disk, one `loop_once(now)` at a time.
 
     `take_in(now)` is called after every image (the intake's `loop_once`), so new
     checkpoints are copied aside during a long render. `clock` gives the time between
     two images, where `loop_once`'s `now` would stand still; tests pass a fake one.
+    `publisher` publishes each rendered step; by default in this loop (`threaded=False`).
     """
 
     def __init__(
@@ -84,6 +115,7 @@ class Dispatcher:
         backlog: Backlog = "all",
         take_in: Callable[[float], object] = lambda now: None,
         tensorboard: TensorBoardSink | None = None,
+        publisher: StepPublisher | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
@@ -96,12 +128,15 @@ class Dispatcher:
         self.backlog = backlog
         self.take_in = take_in
         self.tensorboard = tensorboard
+        self.publisher = publisher or StepPublisher(self.samples_dir, tensorboard=tensorboard, threaded=False)
         self.clock = clock
         self.state = StateFile(self.samples_dir)
         self.renderer: Renderer | None = None
         self.rendered_checkpoints = 0  # done during this run
         self._stop_requested = False
         self._write_failures = 0  # renders in a row whose samples could not be written (disk full)
+        self._preload: _Preload | None = None
+        self._caught_up = False  # steps a killed process left unpublished: handed over once
 
     def request_stop(self) -> None:
         """Stop after the current image. Safe to call from a signal handler: it sets a flag."""
@@ -115,6 +150,8 @@ class Dispatcher:
         """Render the next checkpoint if the card is free; True when one was rendered."""
         if self._stop_requested:
             return False
+        if not self._caught_up:
+            self._catch_up()
         gate = self.gate.wait_state(now)
         if not gate.is_open:
             self.state.set(f"waiting for a slot: {gate.reason}")
@@ -125,8 +162,10 @@ class Dispatcher:
                 self.state.set("idle")
                 return False
             self.state.set("loading the base model")
-            started = time.perf_counter()
-            self.renderer = self.renderer_factory()  # ModelError stops the daemon
+            preload, self._preload = self._preload, None
+            started = preload.started if preload is not None else time.perf_counter()
+            # ModelError stops the daemon
+            self.renderer = preload.result() if preload is not None else self.renderer_factory()
             logger.info("base model ready in %.1f s", time.perf_counter() - started)
         claimed = self.store.claim_next_checkpoint(now, backlog=self.backlog)
         if claimed is None:
@@ -138,9 +177,30 @@ class Dispatcher:
         self._render(claimed)
         return True
 
+    def preload(self) -> None:
+        """Start loading the base model on a thread, when work is coming (the intake saw new
+        checkpoints) and the card is the daemon's own: loading overlaps the copy and hashing of
+        those checkpoints and their settling. On a card shared with the trainer it loads once the
+        slot is free, as before."""
+        if self.renderer is None and self._preload is None and self.gate.always_open:
+            logger.info("loading the base model while the new checkpoints are taken in")
+            self._preload = _Preload(self.renderer_factory)
+
     def close(self) -> None:
-        """Write the final state for `sidecar status`."""
+        """Publish the steps still queued, then write the final state for `sidecar status`."""
+        self.publisher.close()
         self.state.set("stopped")
+
+    def _catch_up(self) -> None:
+        """Steps rendered by a process killed before it published them: published now."""
+        self._caught_up = True
+        done = self.store.checkpoints(states=["done"])
+        steps = [
+            (job.step, [sample.request for sample in self.store.samples(job.id)])
+            for job in done
+            if job.step is not None and not is_published(self.samples_dir, job.step)
+        ]
+        self.publisher.catch_up(steps)
 
     def _park(self) -> None:
         if self.renderer is not None:
@@ -278,15 +338,9 @@ class Dispatcher:
             self.cache.drop(content_hash)
 
     def _publish(self, job: CheckpointJob, step: int) -> None:
-        """Step grid, gallery, TensorBoard, from the plan stored with the checkpoint.
-
-        Views of files already on disk: their failure fails no job.
-        """
-        requests = [sample.request for sample in self.store.samples(job.id)]
-        try:
-            publish_step(self.samples_dir, step, requests, tensorboard=self.tensorboard)
-        except (OSError, SidecarError) as error:
-            logger.warning("step %s: grid / gallery / TensorBoard not updated: %s", step, error)
+        """Step grid, gallery, TensorBoard, from the plan stored with the checkpoint, handed to the
+        publisher. Views of files already on disk: their failure fails no job."""
+        self.publisher.submit(step, [sample.request for sample in self.store.samples(job.id)])
 
     def _hold_slot(self, stack: contextlib.ExitStack) -> None:
         """Hold the slot for the render (a lock shared with the trainer, where the probe has one)."""

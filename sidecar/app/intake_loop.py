@@ -194,6 +194,15 @@ class Intake:
         """Nothing waits in the event queue or the readiness tracker."""
         return self.events.empty() and not self._tracking
 
+    def expects_work(self) -> bool:
+        """Checkpoints are on their way: files settling, or events of files not recorded with
+        their current size and mtime (what a startup scan finds). The base may start loading."""
+        if self._tracking:
+            return True
+        with self.events.mutex:  # a look at the queue, taking nothing out
+            paths = [event.path for event in self.events.queue if event.checkpoint is not None]
+        return any(self._known.get(path) != file_signature(path) for path in paths)
+
     def waiting(self) -> list[tuple[Path, str]]:
         """Every file seen but not ready yet, with the reason (for `sidecar status`)."""
         return self.tracker.waiting()
@@ -246,7 +255,14 @@ class Intake:
             return
         if event.kind in ("deleted", "failed") or event.checkpoint is None:
             return  # a tracked file that is gone is reported by the tracker; a failed watcher by watch
-        self._observe(event.checkpoint, now, closed=event.kind in FINISHED_KINDS)
+        closed = event.kind in FINISHED_KINDS or (event.kind == "scanned" and self._still(event.path, now))
+        self._observe(event.checkpoint, now, closed=closed)
+
+    def _still(self, path: Path, now: float) -> bool:
+        """A file found by a scan, unchanged for `settle_seconds` by its mtime, has settled already:
+        nothing waits at startup for what the trainer wrote before sidecar started."""
+        signature = file_signature(path)
+        return signature is not None and signature[1] / 1e9 <= now - self.tracker.settle_seconds
 
     def _observe(self, checkpoint: Checkpoint, now: float, *, closed: bool = False) -> None:
         path = checkpoint.path

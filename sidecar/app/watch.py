@@ -2,9 +2,12 @@
 
 The process wires the stages: a watchdog observer feeds an event queue; the `Intake`
 turns events into ready checkpoints in the job store; the `Dispatcher` renders them and
-publishes each step. Both expose `loop_once(now)`; the outer loop here alternates them,
-backs off when idle (waking on watcher events), and stops on a signal, `once`,
-`stop_after`, or `until()`.
+hands each step to a `StepPublisher` thread (grid, gallery, TensorBoard), so publishing
+never delays the next checkpoint. Both loops expose `loop_once(now)`; the outer loop here
+alternates them, backs off when idle (waking on watcher events), and stops on a signal,
+`once`, `stop_after`, or `until()`. As soon as the intake sees checkpoints coming (the
+startup scan's, or the first a trainer writes), the base model starts loading on a thread,
+so loading overlaps their settling, copy and hashing.
 
 One daemon per samples folder: a lock file refuses a second one. A store left by a
 process killed mid-render is recovered on open, so every sample is rendered exactly once.
@@ -37,6 +40,7 @@ from sidecar.intake.watcher import CheckpointWatcher, FileEvent
 from sidecar.jobs.locks import process_lock
 from sidecar.jobs.store import JobStore
 from sidecar.publish.files import remove_stale_temp_files
+from sidecar.publish.step import StepPublisher
 from sidecar.publish.tensorboard import TensorBoardSink, tensorboard_dir_for
 from sidecar.render.slots import AlwaysOpen, SlotGate, build_probe
 from sidecar.settings import SamplesFolder, Settings, samples_dir
@@ -98,6 +102,8 @@ class Daemon:
 
     def loop_once(self, now: float) -> bool:
         self.check_watcher(now)
+        if self.dispatcher.renderer is None and self.intake.expects_work():
+            self.dispatcher.preload()  # the base loads while the intake settles, copies and hashes
         did_work = self.intake.loop_once(now)
         self.dispatcher.state.set_waiting(self.intake.waiting(), now)
         return self.dispatcher.loop_once(now) or did_work
@@ -245,7 +251,7 @@ def run_watch(
                 gate=gate,
                 backlog=settings.backlog,
                 take_in=intake.loop_once,
-                tensorboard=tensorboard,
+                publisher=StepPublisher(folder.root, tensorboard=tensorboard),
             )
             watcher = CheckpointWatcher(
                 output_dir,

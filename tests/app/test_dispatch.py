@@ -34,7 +34,7 @@ from sidecar.jobs.policy import WRITE_RETRY_BASE_SECONDS
 from sidecar.jobs.records import CheckpointJob
 from sidecar.jobs.store import JobStore
 from sidecar.publish.tensorboard import TensorBoardSink, sample_tag
-from sidecar.render.slots import SlotGate
+from sidecar.render.slots import AlwaysOpen, SlotGate
 from sidecar.settings import SamplesFolder
 from sidecar.testing.loras import write_lora
 from sidecar.testing.tiny import save_tiny_model
@@ -655,3 +655,112 @@ def test_status_report_shows_queue_last_step_and_failures(make_rig) -> None:
 def test_status_report_without_a_store_says_where_it_looked(tmp_path: Path) -> None:
     with pytest.raises(SidecarError, match="no sidecar job store"):
         status_report(tmp_path)
+
+
+# --- publishing off the render path, loading the base ahead ---------------------------------------
+
+
+def test_publishing_on_its_thread_never_holds_up_the_next_checkpoint(make_rig, monkeypatch) -> None:
+    import threading
+
+    from sidecar.publish import step as step_module
+    from sidecar.publish.step import StepPublisher
+
+    rig = make_rig()
+    rig.dispatcher.publisher = StepPublisher(rig.samples_dir)  # the daemon's: a thread of its own
+    release = threading.Event()
+    publish_one = step_module._publish_one
+
+    def slow(*args, **kwargs) -> None:  # a gallery of a long run on a slow disk
+        assert release.wait(60)
+        publish_one(*args, **kwargs)
+
+    monkeypatch.setattr(step_module, "_publish_one", slow)
+    rig.lora(f"{NAME}_000000100.safetensors", step=100)
+    rig.lora(f"{NAME}_000000200.safetensors", step=200)
+    rig.scan()
+    rig.run(0.0, 1.5, 2.0)
+
+    assert (rig.jobs()[100].state, rig.jobs()[200].state) == ("done", "done")  # while 100 publishes
+    assert not (rig.folder.step(100) / "grid.png").exists()
+    release.set()
+    rig.dispatcher.close()  # a stopping daemon publishes what is queued
+    assert all((rig.folder.step(step) / "grid.png").is_file() for step in (100, 200))
+    assert (rig.samples_dir / "index.html").is_file() and rig.dispatcher.publisher.published == 2
+
+
+def test_a_step_rendered_but_not_published_before_a_kill_is_published_once_at_the_next_start(
+    make_rig, monkeypatch, tmp_path: Path
+) -> None:
+    pytest.importorskip("tensorboard")
+    from sidecar.publish.step import StepPublisher
+
+    rig = make_rig(tensorboard=tmp_path / "tensorboard")
+    with monkeypatch.context() as killed:  # killed after the step was done, before its publication
+        killed.setattr(StepPublisher, "submit", lambda self, step, requests: None)
+        rig.lora(f"{NAME}_000000100.safetensors", step=100)
+        rig.scan()
+        rig.run(0.0, 1.5)
+    assert rig.jobs()[100].state == "done" and not (rig.folder.step(100) / "grid.png").exists()
+
+    for _ in range(2):  # the next start publishes it; the one after has nothing to do
+        rig.start()
+        rig.run(2.0)
+    rig.tensorboard.close()
+
+    assert (rig.folder.step(100) / "grid.png").is_file() and (rig.samples_dir / "index.html").is_file()
+    requests = rig.intake.plans.plan.requests
+    assert tensorboard_tags_by_step(tmp_path / "tensorboard") == {100: {sample_tag(r) for r in requests}}
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    assert len(events.Images(sample_tag(requests[0]))) == 1  # exactly once
+
+
+def test_the_base_preloads_on_a_thread_once_and_the_loop_takes_it(make_rig) -> None:
+    import threading
+
+    rig = make_rig()
+    loaded_on: list[str] = []
+
+    def factory():
+        loaded_on.append(threading.current_thread().name)
+        return rig.renderer
+
+    rig.dispatcher.renderer_factory = factory
+    rig.dispatcher.gate = SlotGate(AlwaysOpen())  # a card of its own
+    rig.dispatcher.preload()
+    rig.dispatcher.preload()  # already loading: no second load
+    rig.lora(f"{NAME}_000000100.safetensors", step=100)
+    rig.scan()
+    rig.run(0.0, 1.5)
+
+    assert loaded_on == ["sidecar-load-base"] and rig.jobs()[100].state == "done"
+    rig.dispatcher.preload()  # loaded: nothing to do
+    assert loaded_on == ["sidecar-load-base"]
+
+
+def test_a_base_that_fails_to_preload_stops_the_daemon_when_it_is_needed(make_rig) -> None:
+    from sidecar.errors import ModelError
+
+    rig = make_rig()
+
+    def broken():
+        raise ModelError("does not load (a fake)", key="name_or_path")
+
+    rig.dispatcher.renderer_factory = broken
+    rig.dispatcher.gate = SlotGate(AlwaysOpen())
+    rig.dispatcher.preload()
+    rig.run(0.0)  # nothing queued: the error waits
+    rig.lora(f"{NAME}_000000100.safetensors", step=100)
+    rig.scan()
+    with pytest.raises(ModelError, match="a fake"):
+        rig.run(0.5, 1.5)
+
+
+def test_on_a_shared_card_the_base_is_not_preloaded(make_rig) -> None:
+    rig = make_rig()
+    assert not rig.dispatcher.gate.always_open  # the rig's probe: a card shared with the trainer
+    rig.dispatcher.renderer_factory = lambda: pytest.fail("loaded while the trainer may hold the card")
+    rig.dispatcher.preload()

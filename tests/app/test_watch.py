@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,6 +153,29 @@ def test_once_renders_what_is_there_and_exits(make_site) -> None:
     assert len(site.images(100)) == 2
     assert site.jobs()[100].state == "done"
     assert "daemon: not running (last state: stopped" in status_report(site.samples_dir)
+
+
+def test_a_checkpoint_there_before_the_start_renders_without_a_settle_wait_the_base_loading_meanwhile(
+    make_site,
+) -> None:
+    """Start to first sample: a file the trainer wrote before sidecar started, unchanged for longer
+    than the settle time by its mtime, is taken in at once, while the base loads on a thread."""
+    site = make_site()
+    written_before = time.time() - 3600  # an hour before: settled by any measure
+    os.utime(site.lora(100), (written_before, written_before))
+    loaded_on: list[str] = []
+
+    def factory():
+        loaded_on.append(threading.current_thread().name)
+        return site.renderer
+
+    request = site.request(once=True, settle_seconds=300.0, abandon_seconds=600.0)
+    daemon = threading.Thread(target=lambda: run_watch(request, renderer_factory=factory), daemon=True)
+    daemon.start()
+    daemon.join(JOIN_SECONDS)  # a settle wait would hold the daemon for 300 s
+
+    assert not daemon.is_alive() and len(site.images(100)) == 2
+    assert loaded_on == ["sidecar-load-base"]
 
 
 def test_once_exits_1_only_for_a_checkpoint_that_failed_during_this_run(make_site) -> None:
