@@ -332,7 +332,7 @@ QWEN_IMAGE_EDIT = ArchSpec(
 
 QWEN_IMAGE_EDIT_PLUS = ArchSpec(
     name="qwen_image_edit_plus",
-    label="Qwen-Image-Edit-2509",
+    label="Qwen-Image-Edit Plus (2509, 2511)",
     size_multiple=16,
     default_size=1024,
     default_steps=25,  # ai-toolkit's train_lora_qwen_image_edit_2509_32gb.yaml

@@ -198,10 +198,15 @@ FLUX_SAMPLERS: dict[str, SamplerSpec] = {
     ),
 }
 
-# SD 1.5 predicts noise like SDXL and takes the same schedulers. Chroma, Flux.1 Kontext, Flux.2
-# (dev and Klein), Qwen-Image and its Edit variants, and Z-Image are flow models whose pipelines
-# all pass `mu` (Flux's resolution-dependent shift) to the scheduler, as FluxPipeline does: they
-# take Flux's table, flow DPM++ 2M only where the model's config shifts dynamically.
+# The newer flow models' pipelines all pass `mu` (Flux's resolution-dependent shift), and most
+# pass their own `sigmas` too, which flow DPM-Solver's `set_timesteps` does not take: FluxPipeline
+# and the Flux.2 pipelines drop them for a scheduler with `use_flow_sigmas`, Chroma's, Kontext's and
+# Qwen-Image's do not. Z-Image's sigmas are a list flow UniPC cannot scale. Each table offers
+# what renders (tests/render/test_arch_samplers.py).
+FLOW_WITHOUT_DPM: dict[str, SamplerSpec] = {
+    name: spec for name, spec in FLUX_SAMPLERS.items() if name != "dpmpp_2m"
+}
+EULER_ONLY: dict[str, SamplerSpec] = {name: FLOW_SAMPLERS[name] for name in ("flowmatch", "euler_a")}
 SAMPLERS_BY_ARCH: dict[str, dict[str, SamplerSpec]] = {
     "sdxl": SDXL_SAMPLERS,
     "sd3": SD3_SAMPLERS,
@@ -210,19 +215,13 @@ SAMPLERS_BY_ARCH: dict[str, dict[str, SamplerSpec]] = {
     # Wan passes no `mu` (a fixed flow shift): SD 3.5's table. Its published scheduler is flow
     # UniPC (`unipc`); ai-toolkit samples with flow Euler (`flowmatch`), sidecar's default.
     "wan": SD3_SAMPLERS,
+    "flux2": FLUX_SAMPLERS,
+    "flux2_klein": FLUX_SAMPLERS,
     **{
-        arch: FLUX_SAMPLERS
-        for arch in (
-            "chroma",
-            "flux_kontext",
-            "flux2",
-            "flux2_klein",
-            "qwen_image",
-            "qwen_image_edit",
-            "qwen_image_edit_plus",
-            "zimage",
-        )
+        arch: FLOW_WITHOUT_DPM
+        for arch in ("chroma", "flux_kontext", "qwen_image", "qwen_image_edit", "qwen_image_edit_plus")
     },
+    "zimage": EULER_ONLY,
 }
 
 # Keys FluxPipeline / StableDiffusion3Pipeline read from `scheduler.config` to compute `mu`
@@ -372,6 +371,14 @@ def validate_sampler(arch: str, name: str) -> str:
 def _why_invalid(arch: str, key: str) -> str:
     """Why a name is not on `arch`'s whitelist: known elsewhere (and why not here) or unknown."""
     is_flow = arch_spec(arch).is_flow_model
+    offered_on = [
+        other for other, index in _INDEX_BY_ARCH.items() if key in index and arch_spec(other).is_flow_model
+    ]
+    if is_flow and offered_on:  # a flow sampler this model's pipeline cannot drive
+        return (
+            f"is not offered for {arch}: its pipeline hands the scheduler settings this sampler does "
+            f"not take (it works on {', '.join(offered_on)})"
+        )
     for other, index in _INDEX_BY_ARCH.items():
         if other == arch or key not in index:
             continue

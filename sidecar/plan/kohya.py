@@ -33,7 +33,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from sidecar.arch import Arch
+from sidecar.arch import ARCH_SPECS, Arch
 from sidecar.errors import SamplerError
 from sidecar.plan.config import TrainerConfig, resolve_relative
 from sidecar.plan.detect import detect_model_arch
@@ -60,7 +60,7 @@ _SD_SCRIPTS_MODULES: dict[str, Arch | str] = {
     "networks.lora_anima": "Anima",
 }
 _MUSUBI_MODULES: dict[str, Arch | str] = {
-    "networks.lora_flux": "flux",  # FLUX.1 Kontext [dev]: Flux.1 with control images
+    "networks.lora_flux": "flux_kontext",  # FLUX.1 Kontext [dev]: Flux.1 with control images
     "networks.lora": "HunyuanVideo",
     "networks.lora_wan": "Wan 2.x",
     "networks.lora_framepack": "FramePack",
@@ -79,7 +79,7 @@ _SD_SCRIPTS_DEFAULTS: dict[Arch, tuple[int, int, float]] = {
     "sd3": (512, 30, 7.5),
     "flux": (512, 20, 3.5),
 }
-_MUSUBI_DEFAULTS: dict[Arch, tuple[int, int, float]] = {"flux": (256, 20, 2.5)}
+_MUSUBI_DEFAULTS: dict[Arch, tuple[int, int, float]] = {"flux_kontext": (256, 20, 2.5)}
 KOHYA_DEFAULT_SAMPLER = "ddim"  # `--sample_sampler` default
 
 # Keys sidecar reads (the rest are training settings, listed at `-v` by `unread`).
@@ -125,10 +125,11 @@ def _arch(flat: dict[str, Value], musubi: bool, locator: Locator, base: Path) ->
     if module is not None:
         name = checked(module, as_text, locator).strip()
         found = table.get(name)
-        if isinstance(found, str) and found not in ("sdxl", "sd3", "flux"):
+        if isinstance(found, str) and found not in ARCH_SPECS:
+            readable = ", ".join(module for module, arch in table.items() if arch in ARCH_SPECS)
             raise locator.error(
                 module.path,
-                f"{name!r} trains {found} with {trainer}; sidecar renders SDXL, SD 3.5 and Flux.1 only",
+                f"{name!r} trains {found} with {trainer}; sidecar reads {trainer} configs of {readable}",
             )
         if found is not None:
             return found  # type: ignore[return-value]

@@ -58,7 +58,7 @@ def format_plan(config: TrainerConfig, plan: SamplePlan) -> str:
     label_width = max(len(label) for label, _ in header)
     lines = [f"{label:<{label_width}}  {value}" for label, value in header]
 
-    is_flux = config.arch == "flux"
+    is_flux = config.spec.true_cfg  # a true CFG column where the model takes one beside its guidance
     columns = [
         "#",
         "size",

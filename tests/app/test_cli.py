@@ -10,6 +10,7 @@ import sys
 import pytest
 from factories import FIXTURES
 
+from sidecar.arch import ARCH_SPECS
 from sidecar.cli import EXIT_BAD_INPUT, EXIT_OK, LOG_HANDLER_NAME, main
 
 FIXTURE_CONFIGS = sorted(FIXTURES.glob("*.yaml"))
@@ -43,7 +44,7 @@ def test_check_prints_the_plan_of_every_fixture_config(config, capsys):
     assert main(["check", str(config)]) == EXIT_OK
     out = capsys.readouterr().out
     assert "architecture" in out and "sample(s):" in out
-    assert any(label in out for label in ("Stable Diffusion XL", "Stable Diffusion 3.5", "Flux.1"))
+    assert any(spec.label in out for spec in ARCH_SPECS.values())
 
 
 @pytest.mark.parametrize(

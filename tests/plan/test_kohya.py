@@ -106,7 +106,7 @@ def test_sd3_json_prompts_mix_mappings_and_lines(rows) -> None:
 
 def test_musubi_kontext_carries_control_images(rows) -> None:
     config = load_trainer_config(MUSUBI / "kontext.toml")
-    assert (config.trainer, config.arch, config.dialect) == ("musubi-tuner", "flux", "musubi")
+    assert (config.trainer, config.arch, config.dialect) == ("musubi-tuner", "flux_kontext", "musubi")
     assert (config.model.name_or_path, config.model.t5_path, config.model.clip_l_path) == (
         "/models/flux1-kontext-dev.safetensors",
         "/models/t5xxl_fp16.safetensors",
@@ -247,13 +247,13 @@ def test_the_command_lines_prompt_file_wins_over_a_missing_one(tmp_path: Path) -
 
 
 def test_an_architecture_sidecar_does_not_render_names_it(tmp_path: Path) -> None:
-    path = tmp_path / "wan.toml"
-    path.write_text('dit = "/m/wan.safetensors"\ntask = "t2v-14B"\nnetwork_module = "networks.lora_wan"\n')
+    path = tmp_path / "kandinsky.toml"
+    path.write_text('dit = "/m/k5.safetensors"\nnetwork_module = "networks.lora_kandinsky"\n')
     with pytest.raises(ConfigError) as caught:
         load_trainer_config(path)
-    assert str(caught.value) == (
-        f"{path}:3 network_module: 'networks.lora_wan' trains Wan 2.x with musubi-tuner; "
-        "sidecar renders SDXL, SD 3.5 and Flux.1 only"
+    assert str(caught.value).startswith(
+        f"{path}:2 network_module: 'networks.lora_kandinsky' trains Kandinsky 5 with musubi-tuner; "
+        "sidecar reads musubi-tuner configs of networks.lora_flux"
     )
 
 
