@@ -24,6 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from sidecar.arch import Arch
+from sidecar.testing import lora_layouts as layouts
 from sidecar.testing.lora_layouts import sd3_original_layout
 from sidecar.testing.lora_plan import fused_shape, module_shapes
 
@@ -204,24 +205,13 @@ def _unet_config(model_folder: str | Path) -> dict:
 
 
 def sgm_unet_name(name: str, unet_config: dict) -> str:
-    """A diffusers UNet module name in the original SGM layout that kohya writes for SDXL.
-
-    `down_blocks.1.attentions.0.…` -> `input_blocks.4.1.…` (with 2 layers per block:
-    input block 0 is conv_in, each down block takes layers+1 slots).
-    """
-    layers = unet_config["layers_per_block"]
-    match = re.match(r"down_blocks\.(\d+)\.attentions\.(\d+)\.(.*)", name)
-    if match:
-        block, layer, rest = int(match[1]), int(match[2]), match[3]
-        return f"input_blocks.{1 + block * (layers + 1) + layer}.1.{rest}"
-    match = re.match(r"mid_block\.attentions\.0\.(.*)", name)
-    if match:
-        return f"middle_block.1.{match[1]}"
-    match = re.match(r"up_blocks\.(\d+)\.attentions\.(\d+)\.(.*)", name)
-    if match:
-        block, layer, rest = int(match[1]), int(match[2]), match[3]
-        return f"output_blocks.{block * (layers + 1) + layer}.1.{rest}"
-    raise ValueError(f"no SGM name for UNet module {name!r}")
+    """A diffusers UNet attention layer in the original SGM layout that kohya writes for SDXL
+    (`down_blocks.1.attentions.0.…` -> `input_blocks.4.1.…`), see `lora_layouts.sgm_unet_name`."""
+    if ".attentions." not in name:
+        raise ValueError(f"no SGM name for UNet module {name!r}")
+    return layouts.sgm_unet_name(
+        name, layers_per_block=unet_config["layers_per_block"], attention_up_blocks=set()
+    )
 
 
 def _kohya_sd3_tensors(model_folder, *, rank: int, alpha: float, seed: int, scale: float):

@@ -10,6 +10,7 @@ does not map are an error naming them, never a silent drop.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -96,6 +97,42 @@ def split_fused(
 def flat_names(layers: Layers, component: str) -> dict[str, str]:
     """`{layer path with '.' -> '_': layer path}`: how kohya-style flat names find their layer."""
     return {name.replace(".", "_"): name for name in layers.get(component, {})}
+
+
+def resolve_flat(layers: Layers, component: str, flat: str) -> str | None:
+    """The layer a flat kohya-style name means; CLIP's may carry transformers 4's `text_model_`."""
+    names = flat_names(layers, component)
+    return names.get(flat) or names.get(flat.removeprefix("text_model_"))
+
+
+def prefixed_pair(
+    module: LoraModule, prefixes: dict[str, str], layers: Layers
+) -> dict[str, torch.Tensor] | None:
+    """A module named `<prefix><flat layer path>` (`lora_te3_encoder_block_0_…`) as PEFT keys."""
+    for prefix, component in prefixes.items():
+        if module.key.startswith(prefix):
+            layer = resolve_flat(layers, component, module.key.removeprefix(prefix))
+            return None if layer is None else peft_pair(component, layer, *module.folded())
+    return None
+
+
+def convert_each(
+    state_dict: dict[str, torch.Tensor],
+    convert_one: Callable[[LoraModule], dict[str, torch.Tensor] | None],
+    *,
+    what: str,
+) -> dict[str, torch.Tensor]:
+    """Every LoRA module through `convert_one` (None: it maps to no layer); unmapped keys raise."""
+    modules, unconverted = lora_modules(state_dict)
+    converted: dict[str, torch.Tensor] = {}
+    for module in modules:
+        pair = convert_one(module)
+        if pair is None:
+            unconverted.append(module.key)
+        else:
+            converted.update(pair)
+    refuse_unconverted(unconverted, what=what)
+    return converted
 
 
 def refuse_unconverted(keys: list[str], *, what: str) -> None:

@@ -21,10 +21,8 @@ import torch
 from sidecar.render.adapters.conversion import (
     Layers,
     LoraModule,
-    flat_names,
-    lora_modules,
-    peft_pair,
-    refuse_unconverted,
+    convert_each,
+    prefixed_pair,
     split_fused,
 )
 
@@ -67,21 +65,15 @@ JOINT_KEY = re.compile(r"lora_unet_joint_blocks_(\d+)_(\w+)")
 
 def convert_kohya_sd3(state_dict: dict[str, torch.Tensor], layers: Layers) -> dict[str, torch.Tensor]:
     """sd-scripts' SD 3.5 LoRA as diffusers PEFT keys (alpha folded, fused qkv split)."""
-    modules, unconverted = lora_modules(state_dict)
     blocks = [name for name in layers["transformer"] if re.match(r"transformer_blocks\.\d+\.", name)]
     last = max((int(name.split(".")[1]) for name in blocks), default=0)
-    converted: dict[str, torch.Tensor] = {}
-    for module in modules:
+
+    def convert_one(module: LoraModule) -> dict[str, torch.Tensor] | None:
         if module.key.startswith(tuple(SD3_TEXT_PREFIXES)):
-            pair = _text_encoder_pair(module, SD3_TEXT_PREFIXES, layers)
-        else:
-            pair = _sd3_denoiser_pair(module, layers, last)
-        if pair is None:
-            unconverted.append(module.key)
-        else:
-            converted.update(pair)
-    refuse_unconverted(unconverted, what="kohya SD 3.5 LoRA")
-    return converted
+            return prefixed_pair(module, SD3_TEXT_PREFIXES, layers)
+        return _sd3_denoiser_pair(module, layers, last)
+
+    return convert_each(state_dict, convert_one, what="kohya SD 3.5 LoRA")
 
 
 def _sd3_denoiser_pair(module: LoraModule, layers: Layers, last: int) -> dict[str, torch.Tensor] | None:
@@ -103,28 +95,6 @@ def convert_kohya_text_encoders(
     state_dict: dict[str, torch.Tensor], layers: Layers, prefixes: dict[str, str] = FLUX_T5_PREFIXES
 ) -> dict[str, torch.Tensor]:
     """kohya text-encoder keys (`lora_te3_encoder_block_0_layer_0_SelfAttention_q`) as PEFT keys."""
-    modules, unconverted = lora_modules(state_dict)
-    converted: dict[str, torch.Tensor] = {}
-    for module in modules:
-        pair = _text_encoder_pair(module, prefixes, layers)
-        if pair is None:
-            unconverted.append(module.key)
-        else:
-            converted.update(pair)
-    refuse_unconverted(unconverted, what="kohya text-encoder LoRA")
-    return converted
-
-
-def _text_encoder_pair(
-    module: LoraModule, prefixes: dict[str, str], layers: Layers
-) -> dict[str, torch.Tensor] | None:
-    """A kohya text-encoder module; CLIP's names carry transformers 4's `text_model_` on top."""
-    for prefix, component in prefixes.items():
-        if module.key.startswith(prefix):
-            flat = module.key.removeprefix(prefix)
-            names = flat_names(layers, component)
-            layer = names.get(flat) or names.get(flat.removeprefix("text_model_"))
-            if layer is None:
-                return None
-            return peft_pair(component, layer, *module.folded())
-    return None
+    return convert_each(
+        state_dict, lambda module: prefixed_pair(module, prefixes, layers), what="kohya text-encoder LoRA"
+    )

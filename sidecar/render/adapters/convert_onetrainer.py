@@ -23,10 +23,9 @@ import torch
 from sidecar.render.adapters.conversion import (
     Layers,
     LoraModule,
-    flat_names,
-    lora_modules,
+    convert_each,
     peft_pair,
-    refuse_unconverted,
+    prefixed_pair,
     split_fused,
 )
 
@@ -83,39 +82,22 @@ OMI_KEY = re.compile(r"transformer\.(double_blocks|single_blocks)\.(\d+)\.(.+?)(
 
 def convert_onetrainer_legacy(state_dict: dict[str, torch.Tensor], layers: Layers) -> dict[str, torch.Tensor]:
     """`lora_transformer_<flat diffusers path>` (and `lora_te<N>_`) as diffusers PEFT keys."""
-    modules, unconverted = lora_modules(state_dict)
-    converted: dict[str, torch.Tensor] = {}
-    for module in modules:
-        pair = None
-        for prefix, component in LEGACY_PREFIXES.items():
-            if module.key.startswith(prefix):
-                flat = module.key.removeprefix(prefix)
-                names = flat_names(layers, component)
-                layer = names.get(flat) or names.get(flat.removeprefix("text_model_"))
-                pair = None if layer is None else peft_pair(component, layer, *module.folded())
-                break
-        if pair is None:
-            unconverted.append(module.key)
-        else:
-            converted.update(pair)
-    refuse_unconverted(unconverted, what="OneTrainer legacy LoRA")
-    return converted
+    return convert_each(
+        state_dict,
+        lambda module: prefixed_pair(module, LEGACY_PREFIXES, layers),
+        what="OneTrainer legacy LoRA",
+    )
 
 
 def convert_onetrainer_omi(state_dict: dict[str, torch.Tensor], layers: Layers) -> dict[str, torch.Tensor]:
     """OneTrainer's OMI-layout Flux LoRA as diffusers PEFT keys."""
-    modules, unconverted = lora_modules(state_dict)
-    converted: dict[str, torch.Tensor] = {}
-    for module in modules:
-        pair = _omi_text_pair(module, layers) if module.key.startswith(tuple(OMI_TEXT_PREFIXES)) else None
-        if pair is None and module.key.startswith("transformer."):
-            pair = _omi_transformer_pair(module, layers)
-        if pair is None:
-            unconverted.append(module.key)
-        else:
-            converted.update(pair)
-    refuse_unconverted(unconverted, what="OneTrainer OMI LoRA")
-    return converted
+
+    def convert_one(module: LoraModule) -> dict[str, torch.Tensor] | None:
+        if module.key.startswith(tuple(OMI_TEXT_PREFIXES)):
+            return _omi_text_pair(module, layers)
+        return _omi_transformer_pair(module, layers) if module.key.startswith("transformer.") else None
+
+    return convert_each(state_dict, convert_one, what="OneTrainer OMI LoRA")
 
 
 def _omi_transformer_pair(module: LoraModule, layers: Layers) -> dict[str, torch.Tensor] | None:
