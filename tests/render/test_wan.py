@@ -248,7 +248,7 @@ def fixture_config(name: str, folder: Path, model: Path, start: Path | None = No
     text = text.replace("MODEL_PATH", str(model)).replace("TRAINING_FOLDER", str(folder / "output"))
     path = folder / "train.yaml"
     folder.mkdir(parents=True, exist_ok=True)
-    path.write_text(text.replace("START_IMAGE", str(start)), encoding="utf-8")
+    path.write_text(text.replace("references/person.png", str(start)), encoding="utf-8")
     return path
 
 
