@@ -21,7 +21,7 @@ import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils import convert_unet_state_dict_to_peft
 
-from sidecar.render.adapters.conversion import Layers, flat_names, refuse_unconverted
+from sidecar.render.adapters.conversion import Layers, flat_names, refuse_unconverted, resolve_flat
 
 LYCORIS_PREFIX = "lycoris_"  # LyCORIS' own module-name prefix (LycorisNetwork.LORA_PREFIX)
 KOHYA_TEXT_PREFIXES = {
@@ -74,9 +74,7 @@ def _resolve(
         *text_prefixes.items(),
     ):
         if key.startswith(prefix):
-            flat = key.removeprefix(prefix)
-            names = flat_names(layers, component)
-            layer = names.get(flat) or names.get(flat.removeprefix("text_model_"))
+            layer = resolve_flat(layers, component, key.removeprefix(prefix))
             return None if layer is None else (component, layer)
     return None
 
