@@ -218,19 +218,12 @@ def _kohya_sd3_tensors(model_folder, *, rank: int, alpha: float, seed: int, scal
     """sd-scripts' SD 3.5 LoRA on the attention: `joint_blocks_N_x_block_attn_qkv` (fused) and `_proj`."""
     shapes = module_shapes(model_folder, "transformer")
     attention = ("x_block.attn.qkv", "x_block.attn.proj")
-    generator = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for original, layers in sd3_original_layout(shapes):
-        if not original.endswith(attention):
-            continue
-        out_features, in_features = fused_shape(shapes, layers)
-        key = f"lora_unet_{original.replace('.', '_')}"
-        tensors[f"{key}.lora_down.weight"] = (
-            torch.randn(rank, in_features, generator=generator) / in_features**0.5
-        )
-        tensors[f"{key}.lora_up.weight"] = torch.randn(out_features, rank, generator=generator) * scale
-        tensors[f"{key}.alpha"] = torch.tensor(alpha)
-    return tensors
+    fused = {
+        original.replace(".", "_"): fused_shape(shapes, layers)
+        for original, layers in sd3_original_layout(shapes)
+        if original.endswith(attention)
+    }
+    return _kohya_tensors(fused, rank=rank, alpha=alpha, seed=seed, scale=scale)
 
 
 def _kohya_flux_tensors(model_folder, *, rank: int, alpha: float, seed: int, scale: float):
@@ -247,6 +240,11 @@ def _kohya_flux_tensors(model_folder, *, rank: int, alpha: float, seed: int, sca
         # diffusers splits `linear1` (fused qkv + mlp) with Flux-dev's real widths hard-coded,
         # so tiny models can carry only `linear2` of the single blocks.
         shapes[f"single_blocks_{block}_linear2"] = (hidden, hidden + mlp)
+    return _kohya_tensors(shapes, rank=rank, alpha=alpha, seed=seed, scale=scale)
+
+
+def _kohya_tensors(shapes, *, rank: int, alpha: float, seed: int, scale: float) -> dict[str, torch.Tensor]:
+    """Random `lora_unet_<name>` modules for `{flat name: (out, in)}`."""
     generator = torch.Generator().manual_seed(seed)
     tensors = {}
     for name, (out_features, in_features) in shapes.items():
