@@ -10,18 +10,21 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from bench import batching, detection, embed_cache, memory, overhead, report, swap
+from bench import batching, call_overhead, detection, embed_cache, memory, overhead, pool, report, swap
 from bench.common import PROFILES, Figure, Profile, Workspace, quiet_libraries
 
 Benchmark = Callable[[Workspace, Profile], list[Figure]]
 BENCHMARKS: dict[str, Benchmark] = {
     "overhead": overhead.run,
+    "call_overhead": call_overhead.run,
     "swap": swap.run,
     "detection": detection.run,
     "batching": batching.run,
     "embed_cache": embed_cache.run,
     "memory": memory.run,
+    "pool": pool.run,
 }
+OPT_IN = ("pool",)  # starts a local Ray: only with `--only pool`
 DEFAULT_RESULTS = Path(__file__).resolve().parent / "results.json"
 DEFAULT_THREADS = 1  # tiny matrices gain nothing from threads, and 2 threads on a shared box are erratic
 
@@ -58,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     quiet_libraries()
     profile = PROFILES[args.profile]
-    names = args.only or list(BENCHMARKS)
+    names = args.only or [name for name in BENCHMARKS if name not in OPT_IN]
     started = time.perf_counter()
     figures: list[Figure] = []
     with tempfile.TemporaryDirectory(prefix="sidecar-bench-") as root:

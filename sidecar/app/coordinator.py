@@ -98,7 +98,10 @@ class RunThread:
             batch_size=plans.plan.batch_size,
             lora_rank=plans.config.lora_rank,
         )
-        renderer = RemoteRenderer(run=self.spec.name, scheduler=self.scheduler, base=base, daemon=daemon)
+        assert self._thread is not None
+        renderer = RemoteRenderer(
+            run=self.spec.name, scheduler=self.scheduler, base=base, daemon=daemon, run_thread=self._thread
+        )
         renderer.warm()
         return renderer
 

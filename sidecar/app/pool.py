@@ -139,12 +139,9 @@ class RayPool:
             )
             for _ in range(count)
         ]
-        logger.info(
-            "%s %s worker(s) on Ray (%s)",
-            count,
-            "CPU" if cpu else f"{options.gpus_per_worker:g}-GPU",
-            options.ray,
-        )
+        kind = "CPU" if cpu else f"{options.gpus_per_worker:g}-GPU"
+        logger.info("%s %s worker(s) on Ray (%s)", count, kind, options.ray)
+        _warn_if_short(count, resources)
         return cls(actors, shutdown=started)
 
     @property
@@ -188,3 +185,18 @@ def _default_workers(*, cpu: bool, gpus_per_worker: float) -> int:
             "add GPU nodes (`ray start --address=HEAD:6379` on each), or `--device cpu` for CPU workers"
         )
     return count
+
+
+def _warn_if_short(count: int, resources: dict[str, float]) -> None:
+    """Workers the cluster has no room for wait for nodes (an autoscaler may add them); say so."""
+    cluster = ray.cluster_resources()
+    for name, key in (("num_gpus", "GPU"), ("num_cpus", "CPU")):
+        wanted, present = count * resources[name], float(cluster.get(key, 0))
+        if wanted > present:
+            logger.warning(
+                "%s worker(s) need %g %s(s), the cluster has %g; the rest start when nodes join",
+                count,
+                wanted,
+                key,
+                present,
+            )

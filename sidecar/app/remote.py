@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -44,16 +45,20 @@ class RemoteRenderer:
 
     `render_resilient` submits one task per pipeline call and yields each image as its
     task comes back (in any order; the dispatcher writes and marks each by its index).
-    While it waits it serves the run's intake, so a checkpoint the trainer writes and
-    prunes meanwhile is still copied aside, and it gives up (the rest stays pending) when
-    the run is asked to stop.
+    While it waits on the run's thread it serves the run's intake, so a checkpoint the
+    trainer writes and prunes meanwhile is still copied aside (the dispatcher may load the
+    base, `warm`, on a thread of its own: there the run's loop goes on taking in), and it
+    gives up (the rest stays pending) when the run is asked to stop.
     """
 
-    def __init__(self, *, run: str, scheduler: Scheduler, base: BaseSpec, daemon: Daemon) -> None:
+    def __init__(
+        self, *, run: str, scheduler: Scheduler, base: BaseSpec, daemon: Daemon, run_thread: threading.Thread
+    ) -> None:
         self.run = run
         self.scheduler = scheduler
         self.base = base
         self.daemon = daemon
+        self.run_thread = run_thread  # the intake's store may be used on this thread only
         self.lora: AppliedLora | None = None
         self._lora_source: Any = None
 
@@ -142,6 +147,8 @@ class RemoteRenderer:
             self._take_in()
 
     def _take_in(self) -> None:
+        if threading.current_thread() is not self.run_thread:
+            return  # the base loading on the dispatcher's preload thread: the run's loop takes in
         try:
             self.daemon.intake.loop_once(time.time())
         except Exception:  # taking in must never break a render (as in the dispatcher)

@@ -120,6 +120,12 @@ class Scheduler:
     # --- the runs' side ---------------------------------------------------------------
 
     def start(self) -> Scheduler:
+        """Start handing out work; each worker gets work once it answers (a Ray actor may wait
+        for a node with room, or be restarting)."""
+        with self._cond:
+            for slot in self.slots:
+                slot.state = "reviving"
+                self._revive(slot)
         self._thread.start()
         return self
 
@@ -212,10 +218,10 @@ class Scheduler:
             (future,) = rest
             error = future.exception()
             if error is None:
-                logger.info("worker %s is back", slot.index)
+                logger.debug("worker %s is ready", slot.index)
                 slot.state, slot.revive_at = "free", None
             else:
-                logger.warning("worker %s is not back yet (%s); asking again", slot.index, error)
+                logger.warning("worker %s is not ready yet (%s); asking again", slot.index, error)
                 slot.revive_at = self.clock() + REVIVE_RETRY_SECONDS
             return
         ticket, future = rest
