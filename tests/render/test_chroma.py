@@ -2,8 +2,21 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
-from arch_reference import check_base, check_batch, check_lora, check_refused, check_swap, needs_lora_check
+from arch_reference import (
+    check_base,
+    check_batch,
+    check_lora,
+    check_refused,
+    check_swap,
+    needs_flux_routes,
+    needs_lora_check,
+    new_renderer,
+    plain_call,
+    render_one,
+    sample,
+)
 
 ARCH = "chroma"
 
@@ -34,3 +47,18 @@ def test_an_sdxl_lora_is_refused(tiny_arch_model, tiny_lora):
 @needs_lora_check
 def test_a_flux2_lora_is_refused(tiny_arch_model, tiny_arch_lora):
     check_refused(ARCH, tiny_arch_model(ARCH), tiny_arch_lora("flux2", "peft"), "Flux.2")
+
+
+@needs_flux_routes
+def test_an_aitoolkit_lora_equals_a_plain_call_with_its_kohya_twin(tiny_arch_model, tiny_arch_lora):
+    """ai-toolkit saves Chroma LoRAs in BFL names under `diffusion_model.` (for ComfyUI), which
+    diffusers' Flux loader leaves unconverted; sidecar converts them as on Flux.1. The reference:
+    the same factors in kohya's names, which diffusers converts."""
+    folder = tiny_arch_model(ARCH)
+    renderer = new_renderer(ARCH, folder)
+    assert renderer.apply_lora(tiny_arch_lora(ARCH, "aitoolkit")).injected_total > 0
+    request = sample(ARCH, strength=0.8)
+    twin = tiny_arch_lora(ARCH, "kohya")  # the same seed: the same factors, alpha = rank
+    np.testing.assert_array_equal(
+        render_one(renderer, request), plain_call(folder, ARCH, [request], lora=twin)[0]
+    )
