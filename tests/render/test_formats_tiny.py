@@ -55,8 +55,10 @@ def benches(tiny_models, short):
 
 
 @pytest.mark.parametrize(("arch", "lora_format"), CASES, ids=["-".join(case) for case in CASES])
-def test_format_matches_the_merged_weights(arch, lora_format, benches, tmp_path):
-    benches(arch).check(lora_format, tmp_path / f"{lora_format}.safetensors")
+def test_format_matches_the_merged_weights(arch, lora_format, benches, tmp_path, record_property):
+    record_property(
+        "max_pixel_difference", benches(arch).check(lora_format, tmp_path / f"{lora_format}.safetensors")
+    )
 
 
 SWAP_CASES = [case for case in CASES if case[1] != "lycoris_locon"] + [("sdxl", "lycoris_locon")]
