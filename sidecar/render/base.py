@@ -61,6 +61,7 @@ class Renderer(ABC):
         self.base_scheduler_config = dict(pipe.scheduler.config)
         self.adapter = AdapterSlot(pipe, pipeline_class=self.pipeline_class, spec=self.spec)
         self.placement: Placement | None = None  # set when placed on a device (`load_renderer`)
+        self._device: tuple[tuple[str, bool], torch.device] | None = None  # (placement state, device)
         self._lora_generation = 0  # bumps on every swap; keys text-encoder-LoRA embeddings
         self._embeddings: dict[tuple, Embeddings] = {}
         pipe.set_progress_bar_config(disable=True)
@@ -98,7 +99,15 @@ class Renderer(ABC):
 
     @property
     def device(self) -> torch.device:
-        return self.pipe._execution_device
+        """Where the pipeline computes (diffusers' `_execution_device`). Asking diffusers walks every
+        module (0.1 s per image on a deep model with a LoRA), so a placed pipeline's answer is kept
+        until its memory mode changes or it is parked."""
+        if self.placement is None:
+            return self.pipe._execution_device
+        key = (self.placement.mode, self.placement.parked)
+        if self._device is None or self._device[0] != key:
+            self._device = (key, self.pipe._execution_device)
+        return self._device[1]
 
     @property
     def encode_device(self) -> torch.device:
