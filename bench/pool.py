@@ -6,7 +6,9 @@ CPU workers (one torch thread each), alternating. Images/s counts from the first
 to the last sample marked done in the run's store, so Ray's start, the workers' first
 load and the coordinator's exit are not in it; the per-checkpoint publishing (grid,
 gallery) is. On a 2-core machine the second worker shares the cores with the
-coordinator's own thread, and with anything else running there.
+coordinator's own threads, and with anything else running there: the *machine ceiling*
+(2 processes of a pure-Python loop over 1, measured right after) says what a second
+worker could gain at the time, 2.0 on two idle cores.
 
 *Coordinator cost.* The same coordinator with the in-process pool and a worker that
 returns a ready 1024 x 1024 image at once: what is left per image is the coordinator's
@@ -17,6 +19,7 @@ many GPU workers one coordinator can feed.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,10 +27,24 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from bench.common import PROMPTS, Figure, Profile, Stats, Target, Workspace, alternate, progress, ratios
+from bench.common import (
+    PROFILES,
+    PROMPTS,
+    Figure,
+    Profile,
+    Stats,
+    Target,
+    Workspace,
+    alternate,
+    progress,
+    ratios,
+    sample_requests,
+    timed,
+)
 from sidecar.app.coordinator import CoordinatorRequest, run_coordinator
 from sidecar.app.worker import LocalPool, PoolOptions, RenderWorker
 from sidecar.jobs.store import JobStore
+from sidecar.publish.files import write_sample
 from sidecar.settings import SamplesFolder
 from sidecar.testing.loras import write_lora
 from sidecar.testing.trainer import write_trainer_config
@@ -79,6 +96,31 @@ def _run(workspace: Workspace, model: Path, name: str, *, checkpoints: int, pixe
     return runs_file
 
 
+BURN_LOOPS = 5_000_000  # a pure-Python loop: about a second of one core
+
+
+def _burn(loops: int) -> int:
+    total = 0
+    for number in range(loops):
+        total += number * number
+    return total
+
+
+def machine_ceiling(repeats: int) -> list[float]:
+    """Work per second of 2 processes over 1 (a pure-Python loop each): what 2 workers can gain
+    on this machine now, whatever else runs on it; 2.0 on two idle cores."""
+    import multiprocessing
+
+    def rate(processes: int) -> float:
+        with multiprocessing.get_context("spawn").Pool(processes) as pool:
+            pool.map(_burn, [1000] * processes)  # the processes are up before the clock starts
+            started = time.perf_counter()
+            pool.map(_burn, [BURN_LOOPS] * processes)
+            return processes / (time.perf_counter() - started)
+
+    return [rate(2) / rate(1) for _ in range(repeats)]
+
+
 def _images_per_second(runs_file: Path) -> tuple[int, float]:
     """(images, seconds from the first claim to the last checkpoint done), from the run's store."""
     output = Path(runs_file.read_text().split("output: ")[1].split("\n")[0])
@@ -123,6 +165,7 @@ def scaling(workspace: Workspace, profile: Profile) -> list[Figure]:
             return measure
 
         alternate(profile.repeats, side(1), side(2))
+        ceiling = machine_ceiling(profile.repeats)
     finally:
         both.close()
         if started_ray:
@@ -147,6 +190,7 @@ def scaling(workspace: Workspace, profile: Profile) -> list[Figure]:
             SPEEDUP_TARGET,
             settings=settings,
         ),
+        Figure("pool", "2 / 1 busy processes", "machine ceiling", "x", Stats.of(ceiling)),
     ]
 
 
@@ -194,7 +238,20 @@ def coordinator_cost(workspace: Workspace, profile: Profile) -> list[Figure]:
         "images_per_checkpoint": PROMPTS_PER_CHECKPOINT,
         "checkpoints": checkpoints,
         "includes": "job store, PNG with infotext written atomically, step grid, gallery, scheduler",
-        "started_at": time.strftime("%Y-%m-%d %H:%M"),
     }
     case = f"coordinator, {COST_PIXELS} px"
-    return [Figure("pool", case, "s/image", "s", Stats.of(costs), settings=settings)]
+    writes = _png_writes(workspace, image, profile.repeats)
+    return [
+        Figure("pool", case, "s/image", "s", Stats.of(costs), settings=settings),
+        Figure("pool", case, "PNG write s/image", "s", Stats.of(writes)),
+    ]
+
+
+def _png_writes(workspace: Workspace, image: Image.Image, repeats: int) -> list[float]:
+    """Of that, one sample written alone (`write_sample`: infotext, PNG encoding, atomic rename)."""
+    folder = workspace.scratch("png-writes")
+    request = sample_requests("sdxl", dataclasses.replace(PROFILES["quick"], size_pixels=COST_PIXELS))[0]
+    return [
+        timed(lambda: write_sample(folder, 100, request, image, base_model="m", lora_name="l", arch="sdxl"))
+        for _ in range(repeats)
+    ]

@@ -9,6 +9,9 @@ without `--ray`. The same scheduler drives the Ray workers of tests/app/test_poo
 from __future__ import annotations
 
 import concurrent.futures
+import configparser
+import shlex
+import subprocess
 import sys
 import threading
 import time
@@ -16,12 +19,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import yaml
 
 from sidecar.app.coordinator import Coordinator, CoordinatorRequest, run_coordinator
-from sidecar.app.runs import runs_status
+from sidecar.app.runs import read_runs, runs_status
 from sidecar.app.scheduler import HOLD_FACTOR, Scheduler, choose
 from sidecar.app.worker import BaseSpec, LocalPool, RenderTask, RenderWorker, TaskResult
-from sidecar.cli import main
+from sidecar.cli import build_parser, main
 from sidecar.jobs.store import JobStore
 from sidecar.plan.request import ModelSource
 from sidecar.settings import SamplesFolder
@@ -409,3 +413,70 @@ def test_cli_refuses_options_that_cannot_apply_to_a_sweep(tmp_path: Path, capsys
 
 if "ray" in sys.modules:  # pragma: no cover - a guard, not a test: nothing above may import Ray
     raise AssertionError("the coordinator without --ray imported ray")
+
+
+def test_without_ray_nothing_imports_ray() -> None:
+    code = (
+        "import sys; from sidecar.app.coordinator import build_pool; from sidecar.app.worker import"
+        " PoolOptions; build_pool(PoolOptions(device='cpu')).close(); assert 'ray' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --- the cluster recipe (deploy/cluster) ---------------------------------------------------------
+
+CLUSTER = Path(__file__).resolve().parents[2] / "deploy" / "cluster"
+
+
+def _unit(name: str) -> configparser.ConfigParser:
+    parser = configparser.ConfigParser(interpolation=None, strict=False)
+    parser.optionxform = str  # type: ignore[assignment,method-assign]
+    parser.read(CLUSTER / name)
+    return parser
+
+
+def test_the_cluster_units_run_commands_sidecar_and_ray_accept() -> None:
+    coordinator = _unit("sidecar-coordinator.service")["Service"]
+    program, *words = shlex.split(coordinator["ExecStart"])
+    assert program == "/opt/sidecar/.venv/bin/sidecar"
+    args = build_parser().parse_args(words)
+    assert (args.command, args.runs, args.ray, args.polling) == (
+        "watch",
+        Path("/etc/sidecar/runs.yaml"),
+        "auto",
+        True,
+    )
+    head = shlex.split(_unit("ray-head.service")["Service"]["ExecStart"])
+    worker = shlex.split(_unit("ray-worker.service")["Service"]["ExecStart"])
+    assert head[:3] == ["/opt/sidecar/.venv/bin/ray", "start", "--head"] and "--num-gpus=0" in head
+    assert "--address=${RAY_HEAD}:6379" in worker
+    assert "RAY_HEAD=" in (CLUSTER / "ray-worker.env.example").read_text()
+    for name in (
+        "sidecar-coordinator.service",
+        "ray-head.service",
+        "ray-worker.service",
+    ):  # one token everywhere
+        assert "RAY_AUTH_MODE=token" in (CLUSTER / name).read_text()
+    assert [run.name for run in read_runs(CLUSTER / "runs.yaml.example")] == [
+        "lr1e-4",
+        "lr3e-4",
+        "kohya-flux",
+    ]
+
+
+def test_the_kuberay_cluster_runs_the_coordinator_beside_the_head(tmp_path: Path) -> None:
+    import importlib.metadata
+
+    runs, cluster = yaml.safe_load_all((CLUSTER / "raycluster.yaml").read_text())
+    assert cluster["kind"] == "RayCluster"
+    assert cluster["spec"]["rayVersion"] == importlib.metadata.version("ray")  # the version sidecar pins
+    head = {c["name"]: c for c in cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"]}
+    args = build_parser().parse_args(head["coordinator"]["command"][1:])
+    assert (args.runs, args.ray) == (Path("/etc/sidecar/runs.yaml"), "auto")
+    mounts = {m["mountPath"] for m in head["coordinator"]["volumeMounts"]}
+    assert {"/tmp/ray", "/dev/shm"} <= mounts & {m["mountPath"] for m in head["ray-head"]["volumeMounts"]}
+    worker = cluster["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+    assert worker["resources"]["limits"]["nvidia.com/gpu"] == 1
+    runs_file = tmp_path / "runs.yaml"
+    runs_file.write_text(runs["data"]["runs.yaml"])
+    assert len(read_runs(runs_file)) == 2
