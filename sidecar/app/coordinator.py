@@ -74,6 +74,10 @@ class RunThread:
             self.daemon.request_stop()
 
     @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
@@ -238,7 +242,7 @@ class Coordinator:
         wanted = self.wanted
         for name, thread in list(self.threads.items()):
             if name not in wanted or wanted[name] != thread.spec:
-                if not thread._stopping:
+                if not thread.stopping:
                     logger.info("run %s %s; stopping it after its current image", name, _gone(name, wanted))
                 thread.stop()
             if not thread.alive:
@@ -284,7 +288,7 @@ class Coordinator:
             source = self.request.runs_file or "the command line"
             logger.info("coordinating %s run(s) from %s", len(self.runs_file.runs), source)
             try:
-                while self.loop_once(time.time()):
+                while not self.stop_requested and self.loop_once(time.time()):
                     self._stop.wait(LOOP_SECONDS)
             finally:
                 self.request_stop()

@@ -378,7 +378,7 @@ def test_runs_added_to_and_removed_from_the_runs_file_while_running(sweep: Sweep
     def remove_a() -> None:  # as a's next image renders
         sweep.before_render = lambda: None
         sweep.write_runs("b")
-        wait_until(lambda: coordinator.threads["a"]._stopping, "run a told to stop")
+        wait_until(lambda: coordinator.threads["a"].stopping, "run a told to stop")
 
     sweep.before_render = remove_a
     sweep.checkpoint("a", 200)
