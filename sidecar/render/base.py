@@ -30,7 +30,7 @@ from sidecar.render.adapters.swap import AdapterSlot
 from sidecar.render.devices import free_cuda_cache, is_cuda_oom
 from sidecar.render.loading import load_base_pipeline, load_text_encoder, load_vae
 from sidecar.render.memory import Placement
-from sidecar.render.model_sizes import BACKBONE, COMPONENTS
+from sidecar.render.model_sizes import BACKBONE, COMPONENTS, TEXT_ENCODER
 from sidecar.render.schedulers import make_scheduler
 from sidecar.samplers import sampler_spec
 
@@ -115,6 +115,13 @@ class Renderer(ABC):
         if self.placement is not None and self.placement.encoders_on_cpu:
             return torch.device("cpu")
         return self.device
+
+    @property
+    def encoder_components(self) -> tuple[str, ...]:
+        """The pipeline's text encoders (their role in `sidecar.arch`), whether or not a config can
+        name a separate file for them: Qwen-Image's, Flux.2's and Z-Image's language models have no
+        such key, and must leave the card all the same."""
+        return tuple(name for name, role in COMPONENTS[self.spec.name].items() if role == TEXT_ENCODER)
 
     @property
     def backbone(self) -> torch.nn.Module:
@@ -302,7 +309,7 @@ class Renderer(ABC):
             self._move_text_encoders(torch.device("cpu"))
 
     def _move_text_encoders(self, device: torch.device) -> None:
-        for name in self.text_encoder_keys.values():
+        for name in self.encoder_components:
             encoder = getattr(self.pipe, name, None)
             if not isinstance(encoder, torch.nn.Module):
                 continue

@@ -90,7 +90,7 @@ def load_renderer(
         offload,
         torch_device,
         plan=plan,
-        encoder_names=tuple(renderer.text_encoder_keys.values()),
+        encoder_names=renderer.encoder_components,
     )
     logger.info(
         "loaded %s base %s on %s (%s%s, offload=%s%s)",

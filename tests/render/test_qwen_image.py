@@ -57,3 +57,14 @@ def test_edit_with_a_reference_equals_a_plain_call(arch, tiny_arch_model, tmp_pa
     got = render_one(new_renderer(arch, folder), request)
     assert got.shape == (48, 64, 3)
     assert (got == plain_call(folder, arch, [request])[0]).all()
+
+
+def test_its_language_model_is_a_text_encoder_the_placement_moves(tiny_arch_model):
+    """Qwen-Image (like Flux.2 and Z-Image) has no `model:` key for a separate text-encoder file, yet
+    its Qwen2.5-VL must leave the card once prompts are cached, as CLIP and T5 do."""
+    from sidecar.plan.request import ModelSource
+    from sidecar.render.registry import load_renderer
+
+    renderer = load_renderer(ModelSource(arch=ARCH, name_or_path=str(tiny_arch_model(ARCH))), device="cpu")
+    assert renderer.encoder_components == ("text_encoder",)
+    assert renderer.placement.encoder_names == ("text_encoder",)
