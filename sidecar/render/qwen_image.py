@@ -21,9 +21,10 @@ MAX_SEQUENCE_LENGTH = 512  # the pipelines' `__call__` default; kept so images e
 FIELDS = (("prompt_embeds", "prompt_embeds_mask"), ("negative_prompt_embeds", "negative_prompt_embeds_mask"))
 
 
-def padded(sequences: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+def padded(sequences: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Sequences of their own lengths (1, n, dim) as one batch and its mask, as the pipeline pads a
-    list of prompts (`_get_qwen_prompt_embeds`): zeros after each, and no mask when none is padded."""
+    list of prompts (`_get_qwen_prompt_embeds`): zeros after each. A mask of ones is dropped by the
+    pipeline as its own is (`encode_prompt`); without one it warns at every call."""
     longest = max(sequence.shape[1] for sequence in sequences)
     batch = torch.cat(
         [torch.nn.functional.pad(sequence, (0, 0, 0, longest - sequence.shape[1])) for sequence in sequences]
@@ -31,7 +32,7 @@ def padded(sequences: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tenso
     mask = torch.zeros(len(sequences), longest, dtype=torch.long, device=batch.device)
     for row, sequence in enumerate(sequences):
         mask[row, : sequence.shape[1]] = 1
-    return batch, (None if bool(mask.all()) else mask)
+    return batch, mask
 
 
 class QwenImageRenderer(Renderer):

@@ -284,22 +284,27 @@ def build_flux(size: Size = "shallow", *, seed: int = 0):
 
 BUILDERS = {"sdxl": build_sdxl, "sd3": build_sd3, "flux": build_flux}
 WIDE_ARCHS = ("sdxl", "sd3", "flux")  # `sidecar.testing.wide` builds these
-# The newer architectures (`tiny_more.py`, which imports this module's helpers defined above).
-from sidecar.testing.tiny_more import MORE_BUILDERS  # noqa: E402
 
-BUILDERS.update(MORE_BUILDERS)
+
+def all_builders() -> dict:
+    """These three and the newer architectures' (`tiny_more.py`, imported here on first use: it
+    builds on this module's helpers)."""
+    from sidecar.testing.tiny_more import MORE_BUILDERS
+
+    return {**BUILDERS, **MORE_BUILDERS}
 
 
 def build_pipeline(arch: Arch, size: Size = "shallow", *, seed: int = 0):
     """A tiny pipeline of `arch` in eval mode, weights from `seed`."""
-    if arch not in BUILDERS:
-        raise ValueError(f"`arch` must be one of {sorted(BUILDERS)}, got {arch!r}")
+    builders = all_builders()
+    if arch not in builders:
+        raise ValueError(f"`arch` must be one of {sorted(builders)}, got {arch!r}")
     if size == "wide":
         from sidecar.testing.wide import build_wide
 
         pipe = build_wide(arch, seed=seed)
     else:
-        pipe = BUILDERS[arch](size, seed=seed)
+        pipe = builders[arch](size, seed=seed)
     for component in pipe.components.values():
         if isinstance(component, torch.nn.Module):
             component.eval()  # models built from configs start in train mode
@@ -331,7 +336,7 @@ def tiny_models(root: str | Path, *, size: Size = "shallow") -> dict[str, Path]:
     """
     root = Path(root)
     models: dict[str, Path] = {}
-    for arch in WIDE_ARCHS if size == "wide" else BUILDERS:
+    for arch in WIDE_ARCHS if size == "wide" else all_builders():
         try:
             models[arch] = save_tiny_model(arch, root / f"tiny-{arch}-{size}", size=size)  # type: ignore[arg-type]
         except ImportError as error:

@@ -68,3 +68,80 @@ def test_its_language_model_is_a_text_encoder_the_placement_moves(tiny_arch_mode
     renderer = load_renderer(ModelSource(arch=ARCH, name_or_path=str(tiny_arch_model(ARCH))), device="cpu")
     assert renderer.encoder_components == ("text_encoder",)
     assert renderer.placement.encoder_names == ("text_encoder",)
+
+
+class QwenVLProcessorStandIn:
+    """Qwen2-VL's processor without its video part (which needs torchvision): the image processor's
+    patches, each `<|image_pad|>` expanded to the image's merged patch count, then the tokenizer."""
+
+    def __init__(self, tokenizer):
+        from transformers.models.qwen2_vl import Qwen2VLImageProcessorPil
+
+        self.tokenizer, self.image_processor = tokenizer, Qwen2VLImageProcessorPil()
+
+    def __call__(self, text, images=None, padding=True, return_tensors="pt"):
+        extra: dict = {}
+        if images is not None:
+            extra = dict(
+                self.image_processor(
+                    images=list(images) if isinstance(images, list) else [images], return_tensors="pt"
+                )
+            )
+            counts = iter(
+                int(grid.prod()) // self.image_processor.merge_size**2 for grid in extra["image_grid_thw"]
+            )
+            text = [
+                "".join(
+                    part if i == 0 else "<|image_pad|>" * next(counts) + part
+                    for i, part in enumerate(t.split("<|image_pad|>"))
+                )
+                for t in text
+            ]
+        encoded = self.tokenizer(text, padding=padding, return_tensors=return_tensors)
+        encoded.update(extra)
+        return encoded
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["qwen_image_edit", "qwen_image_edit_plus"])
+def test_edit_renderers_equal_their_pipelines_own_call(arch, tmp_path):
+    """The text encoder's view of the references (`encode_request`) and the references handed to the
+    call are the pipeline's own: pixel-equal to a plain call on the same in-memory pipeline. (The
+    pipelines take each reference to ~1 MP for the VAE whatever the sample's size: seconds on CPU.)"""
+    import diffusers
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from sidecar.render.registry import renderer_class
+    from sidecar.testing.tiny_more import _qwen_components
+
+    pipeline_class = renderer_class(arch).pipeline_class
+    torch.manual_seed(0)
+    components = _qwen_components(deep=False)
+    pipe = pipeline_class(**components, processor=QwenVLProcessorStandIn(components["tokenizer"]))
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()
+    pipe.set_progress_bar_config(disable=True)
+    count = 1 if arch == "qwen_image_edit" else 2
+    references = [reference_image(tmp_path / f"ref{n}.png", size=(80 - 16 * n, 48)) for n in range(count)]
+    request = sample(
+        arch, width=64, height=48, control_images=tuple(map(str, references)), guidance_scale=3.0
+    )
+    (got,) = [
+        np.asarray(image) for _, image in renderer_class(arch)(pipe, base_model="memory").render([request])
+    ]
+    images = [Image.open(path).convert("RGB").resize((64, 48), Image.BILINEAR) for path in references]
+    pipe.scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    want = pipe(
+        image=images if count > 1 else images[0],
+        prompt=request.prompt,
+        negative_prompt="",
+        true_cfg_scale=3.0,
+        height=48,
+        width=64,
+        num_inference_steps=2,
+        generator=[torch.Generator("cpu").manual_seed(request.seed)],
+    ).images[0]
+    np.testing.assert_array_equal(got, np.asarray(want))

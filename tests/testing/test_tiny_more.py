@@ -10,7 +10,7 @@ from diffusers import DiffusionPipeline
 
 from sidecar.arch import ARCH_SPECS
 from sidecar.plan.detect import detect_model_arch
-from sidecar.testing.tiny import BUILDERS, tiny_models
+from sidecar.testing.tiny import all_builders, tiny_models
 from sidecar.testing.tiny_more import MORE_BUILDERS
 
 BUILT_HERE = [arch for arch in MORE_BUILDERS if not arch.startswith("qwen_image_edit")]
@@ -48,6 +48,6 @@ def test_sidecar_tiny_builds_every_model_it_can_and_says_which_it_cannot(tmp_pat
 
     monkeypatch.setattr("sidecar.testing.tiny.save_tiny_model", fake)
     models = tiny_models(tmp_path)
-    assert set(models) == set(BUILDERS) - {"qwen_image_edit", "qwen_image_edit_plus"}
+    assert set(models) == set(all_builders()) - {"qwen_image_edit", "qwen_image_edit_plus"}
     assert "tiny qwen_image_edit not built: Qwen2-VL's processor needs torchvision" in caplog.text
     assert set(tiny_models(tmp_path, size="wide")) == {"sdxl", "sd3", "flux"}
