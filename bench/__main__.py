@@ -10,21 +10,38 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from bench import batching, call_overhead, detection, embed_cache, memory, overhead, pool, report, swap
+from bench import (
+    batching,
+    call_overhead,
+    compile_speed,
+    detection,
+    embed_cache,
+    memory,
+    overhead,
+    pool,
+    report,
+    start,
+    swap,
+    throughput,
+)
 from bench.common import PROFILES, Figure, Profile, Workspace, quiet_libraries
 
 Benchmark = Callable[[Workspace, Profile], list[Figure]]
 BENCHMARKS: dict[str, Benchmark] = {
     "overhead": overhead.run,
     "call_overhead": call_overhead.run,
+    "start": start.run,
+    "throughput": throughput.run,
     "swap": swap.run,
     "detection": detection.run,
     "batching": batching.run,
     "embed_cache": embed_cache.run,
     "memory": memory.run,
     "pool": pool.run,
+    "compile": compile_speed.run,
 }
-OPT_IN = ("pool",)  # starts a local Ray: only with `--only pool`
+# `pool` starts a local Ray; `compile` builds C++ kernels for minutes: only with `--only NAME`
+OPT_IN = ("pool", "compile")
 DEFAULT_RESULTS = Path(__file__).resolve().parent / "results.json"
 DEFAULT_THREADS = 1  # tiny matrices gain nothing from threads, and 2 threads on a shared box are erratic
 
@@ -72,6 +89,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     report.write(args.results, content)
     print(report.header(content))
     print(report.table(figures))
+    breakdown = report.phase_table(figures)
+    if breakdown:
+        print(f"\nwhere a checkpoint's time goes (call_overhead):\n{breakdown}")
     print(f"results: {args.results}")
     return 0
 

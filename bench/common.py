@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from sidecar.arch import Arch
 
-Size = Literal["shallow", "deep"]
+Size = Literal["shallow", "deep", "wide"]  # wide: real layer widths, few blocks (`sidecar.testing.wide`)
 ARCHS: tuple[Arch, ...] = ("sdxl", "sd3", "flux")
 SIZES: tuple[Size, ...] = ("shallow", "deep")
 TRIGGER = "sks"
@@ -44,6 +44,15 @@ class Profile:
     detection_checkpoints_default: int  # with the default `Settings` (settle 1 s, idle back-off 1 s)
     memory_deep: bool  # peak RSS of the deep variants too
     batch_images: int = 4
+    call_sizes: tuple[Size, ...] = ("deep", "wide")  # overhead against the pure `__call__`
+    wide_steps: int = 1  # denoising steps on the wide models: a real-width step takes seconds on a CPU
+    wide_repeats: int = 3  # checkpoints timed per wide case, after one warm-up
+    swap_wide: bool = True  # the swap at real widths (rank-16 LoRAs of each wide model)
+    start_cases: tuple[str, ...] = ("sdxl/deep",)  # start to first sample, `arch/size`
+    start_repeats: int = 3
+    throughput_case: str = "sdxl/shallow"
+    throughput_checkpoints: int = 20
+    throughput_prompts: int = 4
 
     @property
     def sizes(self) -> tuple[Size, ...]:
@@ -63,6 +72,12 @@ PROFILES: dict[str, Profile] = {
         detection_checkpoints_default=1,
         memory_deep=False,
         batch_images=2,
+        call_sizes=("deep",),
+        swap_wide=False,
+        start_cases=("sdxl/shallow",),
+        start_repeats=1,
+        throughput_checkpoints=3,
+        throughput_prompts=2,
     ),
     "default": Profile(
         name="default",
@@ -87,6 +102,10 @@ PROFILES: dict[str, Profile] = {
         detection_checkpoints=20,
         detection_checkpoints_default=20,
         memory_deep=True,
+        wide_steps=2,
+        wide_repeats=5,
+        start_cases=("sdxl/deep", "sd3/deep", "flux/deep"),
+        start_repeats=5,
     ),
 }
 
@@ -253,6 +272,17 @@ class Workspace:
         from sidecar.testing.tiny import save_tiny_model
 
         return save_tiny_model(arch, self.root / "models" / f"tiny-{arch}-{size}", size=size)
+
+    def trainer_lora(self, arch: Arch, size: Size, *, seed: int, rank: int, scale: float = 1.0) -> Path:
+        """A PEFT LoRA of the trainers' default layers (attention, MLP, modulation) at `rank`: the
+        size of a real one per block (`sidecar.testing.trainer_loras`); seeds and scales vary the weights."""
+        from sidecar.testing.trainer_loras import write_trainer_lora
+
+        path = self.root / "loras" / f"{arch}-{size}-r{rank}-{seed}-{scale:g}.safetensors"
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_trainer_lora(self.model(arch, size), arch, path, "peft", rank=rank, seed=seed, scale=scale)
+        return path
 
     def lora(self, arch: Arch, size: Size, *, seed: int) -> Path:
         """A PEFT LoRA of the tiny model; different seeds give files of the same layout (hot-swappable)."""

@@ -11,6 +11,7 @@ It timestamps three moments per checkpoint, all on `time.perf_counter`:
 
 `BarePipeline` renders the same requests as plain diffusers calls: `from_pretrained`
 once, then per checkpoint `load_lora_weights`, one call per image and a PIL save.
+`BarePipeline.call_seconds` times the calls alone, the LoRA already applied: the bar.
 """
 
 from __future__ import annotations
@@ -111,6 +112,7 @@ class DaemonHarness:
         steps: int,
         settle_seconds: float | None,
         poll_interval_seconds: float | None,
+        tensorboard: Path | None = None,
     ) -> None:
         self.config_path = write_config(
             folder, arch=arch, model_folder=model_folder, profile=profile, prompts=prompts, steps=steps
@@ -126,6 +128,7 @@ class DaemonHarness:
                 "abandon_seconds": ABANDON_SECONDS,
                 "settle_seconds": settle_seconds,
                 "poll_interval_seconds": poll_interval_seconds,
+                "tensorboard": tensorboard,
             },
         )
         self.trainer = SimulatedTrainer(model_folder=model_folder, output_dir=self.output_dir, arch=arch)
@@ -208,10 +211,16 @@ class BarePipeline:
 
     def render_checkpoint(self, lora_path: Path, requests: Sequence[SampleRequest], folder: Path) -> None:
         """Swap the LoRA in (unload, load), render each request, save each image."""
-        folder.mkdir(parents=True, exist_ok=True)
         self.pipe.unload_lora_weights()
         self.pipe.load_lora_weights(str(lora_path))
+        self.call_seconds(requests, folder)
+
+    def call_seconds(self, requests: Sequence[SampleRequest], folder: Path) -> list[float]:
+        """Render each request with the LoRA already applied, save each image; the calls' seconds."""
+        folder.mkdir(parents=True, exist_ok=True)
+        seconds = []
         for request in requests:
+            started = time.perf_counter()
             image = self.pipe(
                 prompt=request.prompt,
                 negative_prompt=request.negative_prompt or None,
@@ -221,4 +230,6 @@ class BarePipeline:
                 guidance_scale=request.guidance_scale,
                 generator=torch.Generator("cpu").manual_seed(request.seed),
             ).images[0]
+            seconds.append(time.perf_counter() - started)
             image.save(folder / f"sample_{request.index:02d}.png")
+        return seconds

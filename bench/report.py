@@ -16,6 +16,7 @@ from bench.common import Figure, Profile
 
 VERSIONED = ("torch", "diffusers", "transformers", "peft", "watchdog")
 COLUMNS = ("benchmark", "case", "metric", "median", "min", "max", "n", "target", "met")
+PHASES_BENCHMARK = "phases"  # `call_overhead`'s breakdown: printed as a table of its own
 
 
 def machine() -> dict[str, Any]:
@@ -75,9 +76,13 @@ def _number(value: float, unit: str) -> str:
 
 
 def table(figures: Sequence[Figure]) -> str:
-    """One row per figure; the target and whether it is met where the issue sets one."""
+    """One row per figure; the target and whether it is met where the issue sets one.
+
+    The per-phase figures get a table of their own (`phase_table`)."""
     rows = [COLUMNS]
     for figure in figures:
+        if figure.benchmark == PHASES_BENCHMARK:
+            continue
         stats, unit = figure.stats, figure.unit
         met = {None: "", True: "yes", False: "NO"}[figure.met]
         rows.append(
@@ -93,11 +98,29 @@ def table(figures: Sequence[Figure]) -> str:
                 met,
             )
         )
-    widths = [max(len(row[column]) for row in rows) for column in range(len(COLUMNS))]
+    return _aligned(rows, left=3)
+
+
+def phase_table(figures: Sequence[Figure]) -> str:
+    """Milliseconds per checkpoint of each phase (median), one row per case; empty without them."""
+    phases = [f for f in figures if f.benchmark == PHASES_BENCHMARK]
+    if not phases:
+        return ""
+    names = list(dict.fromkeys(f.metric for f in phases))
+    cases = list(dict.fromkeys(f.case for f in phases))
+    value = {(f.case, f.metric): f.stats.median for f in phases}
+    rows = [("ms per checkpoint", *names)]
+    rows += [(case, *(_number(value.get((case, name), 0.0), "ms") for name in names)) for case in cases]
+    return _aligned(rows, left=1)
+
+
+def _aligned(rows: Sequence[Sequence[str]], *, left: int) -> str:
+    """Columns padded to their widest cell; the first `left` columns left-aligned; a rule under the head."""
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
     lines = []
     for number, row in enumerate(rows):
         cells = [
-            cell.ljust(width) if column < 3 else cell.rjust(width)
+            cell.ljust(width) if column < left else cell.rjust(width)
             for column, (cell, width) in enumerate(zip(row, widths, strict=True))
         ]
         lines.append("  ".join(cells).rstrip())
