@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from arch_reference import (
     check_base,
     check_lora,
@@ -70,3 +71,18 @@ def test_an_sdxl_lora_is_refused(tiny_arch_model, tiny_lora):
 @needs_lora_check
 def test_a_flux2_lora_is_refused_on_flux1_kontext(tiny_arch_model, tiny_arch_lora):
     check_refused("flux_kontext", tiny_arch_model("flux_kontext"), tiny_arch_lora("flux2"), "Flux.2")
+
+
+@pytest.mark.parametrize("arch", ["flux2", "qwen_image", "chroma"])
+def test_a_single_file_base_of_a_model_without_shipped_configs_is_a_model_error(arch, tmp_path):
+    """Single files load offline only with sidecar's shipped configs (`render/single_file.py`); the
+    newer models' have none yet, and the error says what to point at instead."""
+    from safetensors.torch import save_file
+
+    from sidecar.errors import ModelError
+    from sidecar.render.registry import renderer_class
+
+    single = tmp_path / "model.safetensors"
+    save_file({"transformer_blocks.0.attn.to_q.weight": torch.zeros(2, 2)}, str(single))
+    with pytest.raises(ModelError, match="point `name_or_path` at a diffusers folder instead"):
+        renderer_class(arch).from_model(single)
