@@ -20,32 +20,10 @@ from PIL import Image
 
 from sidecar.arch import ARCH_SPECS
 from sidecar.plan.request import SampleRequest
-from sidecar.render.adapters.lora_files import guess_arch
-from sidecar.render.adapters.routes import route_for
 from sidecar.render.schedulers import make_scheduler
 
 __all__ = ["max_difference", "plain_call", "reference_image", "render", "render_one", "sample"]
 
-# Whether `lora_files` reads LoRA key names with `sidecar.arch.guess_lora_arch` and compares them with
-# `ArchSpec.takes_lora_of` (the hook-up issue 16's note names). Until then an SD 1.5, Chroma, Kontext
-# or Flux.2 LoRA is taken for an SDXL or Flux.1 one and refused on its own base.
-LORA_CHECK_HOOKED = guess_arch(["unet.down_blocks.0.attentions.0.proj_in.lora_A.weight"]) == "sd15"
-needs_lora_check = pytest.mark.xfail(
-    not LORA_CHECK_HOOKED,
-    strict=True,
-    reason="lora_files does not use sidecar.arch.guess_lora_arch / ArchSpec.takes_lora_of yet",
-)
-# Whether `routes.route_for` sends ComfyUI / ai-toolkit (`diffusion_model.`) keys on Chroma and Kontext
-# through sidecar's Flux.1 converter, as it does on Flux.1 (`arch == "flux"` there today).
-FLUX_ROUTES_OPEN = (
-    route_for(["diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight"], arch="chroma").layout
-    != "diffusers"
-)
-needs_flux_routes = pytest.mark.xfail(
-    not (FLUX_ROUTES_OPEN and LORA_CHECK_HOOKED),
-    strict=True,
-    reason="routes.route_for takes Flux.1's converters for `arch == 'flux'` only",
-)
 ATTENTION_KWARGS = {
     "sd15": "cross_attention_kwargs",
     "chroma": "joint_attention_kwargs",

@@ -8,17 +8,13 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from arch_reference import needs_lora_check, reference_image
+from arch_reference import reference_image
 
 from sidecar.app.render_cmd import render_command
 from sidecar.app.watch import WatchRequest, run_watch
 from sidecar.publish.files import read_infotext
 
-HOOKED_ARCHS = ("qwen_image", "zimage")  # their LoRAs apply whatever `lora_files` reads of key names
-ARCHS = [
-    pytest.param(arch, marks=[] if arch in HOOKED_ARCHS else [needs_lora_check])
-    for arch in ("sd15", "chroma", "flux_kontext", "flux2", "flux2_klein", "qwen_image", "zimage")
-]
+ARCHS = ("sd15", "chroma", "flux_kontext", "flux2", "flux2_klein", "qwen_image", "zimage")
 
 
 def write_config(folder: Path, arch: str, model: Path, reference: Path) -> Path:

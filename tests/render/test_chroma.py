@@ -10,8 +10,6 @@ from arch_reference import (
     check_lora,
     check_refused,
     check_swap,
-    needs_flux_routes,
-    needs_lora_check,
     new_renderer,
     plain_call,
     render_one,
@@ -29,13 +27,11 @@ def test_a_batch_equals_a_plain_call_with_a_list_of_prompts(tiny_arch_model):
     check_batch(ARCH, tiny_arch_model(ARCH))
 
 
-@needs_lora_check
 @pytest.mark.parametrize("lora_format", ["peft", "kohya"])
 def test_lora_equals_a_plain_call(lora_format, tiny_arch_model, tiny_arch_lora):
     check_lora(ARCH, tiny_arch_model(ARCH), tiny_arch_lora(ARCH, lora_format), strength=0.8)
 
 
-@needs_lora_check
 def test_the_next_checkpoint_swaps_in_place(tiny_arch_model, tiny_arch_lora):
     check_swap(ARCH, tiny_arch_model(ARCH), tiny_arch_lora(ARCH, seed=0), tiny_arch_lora(ARCH, seed=1))
 
@@ -44,12 +40,10 @@ def test_an_sdxl_lora_is_refused(tiny_arch_model, tiny_lora):
     check_refused(ARCH, tiny_arch_model(ARCH), tiny_lora("sdxl"), "Stable Diffusion XL")
 
 
-@needs_lora_check
 def test_a_flux2_lora_is_refused(tiny_arch_model, tiny_arch_lora):
     check_refused(ARCH, tiny_arch_model(ARCH), tiny_arch_lora("flux2", "peft"), "Flux.2")
 
 
-@needs_flux_routes
 def test_an_aitoolkit_lora_equals_a_plain_call_with_its_kohya_twin(tiny_arch_model, tiny_arch_lora):
     """ai-toolkit saves Chroma LoRAs in BFL names under `diffusion_model.` (for ComfyUI), which
     diffusers' Flux loader leaves unconverted; sidecar converts them as on Flux.1. The reference:

@@ -11,7 +11,6 @@ from arch_reference import (
     check_lora,
     check_refused,
     check_swap,
-    needs_lora_check,
     new_renderer,
     plain_call,
     reference_image,
@@ -53,12 +52,10 @@ def test_reference_images_equal_a_plain_call(tiny_arch_model, tmp_path):
         ("flux2_klein", "aitoolkit"),
     ],
 )
-@needs_lora_check
 def test_lora_equals_a_plain_call(arch, lora_format, tiny_arch_model, tiny_arch_lora):
     check_lora(arch, tiny_arch_model(arch), tiny_arch_lora(arch, lora_format), strength=0.8)
 
 
-@needs_lora_check
 @pytest.mark.parametrize("arch", ARCHS)
 def test_the_next_checkpoint_swaps_in_place(arch, tiny_arch_model, tiny_arch_lora):
     check_swap(arch, tiny_arch_model(arch), tiny_arch_lora(arch, seed=0), tiny_arch_lora(arch, seed=1))
@@ -68,7 +65,6 @@ def test_an_sdxl_lora_is_refused(tiny_arch_model, tiny_lora):
     check_refused("flux2", tiny_arch_model("flux2"), tiny_lora("sdxl"), "Stable Diffusion XL")
 
 
-@needs_lora_check
 def test_a_flux2_lora_is_refused_on_flux1_kontext(tiny_arch_model, tiny_arch_lora):
     check_refused("flux_kontext", tiny_arch_model("flux_kontext"), tiny_arch_lora("flux2"), "Flux.2")
 

@@ -11,7 +11,6 @@ from arch_reference import (
     check_refused,
     check_swap,
     max_difference,
-    needs_lora_check,
     new_renderer,
     plain_call,
     reference_image,
@@ -40,14 +39,12 @@ def test_a_reference_keeps_the_samples_size_and_equals_a_plain_call(tiny_arch_mo
     )
 
 
-@needs_lora_check
 @pytest.mark.parametrize("lora_format", ["peft", "kohya"])
 def test_lora_equals_a_plain_call(lora_format, tiny_arch_model, tiny_arch_lora, tmp_path):
     reference = str(reference_image(tmp_path / "person.png"))
     check_lora(ARCH, tiny_arch_model(ARCH), tiny_arch_lora(ARCH, lora_format), control_images=(reference,))
 
 
-@needs_lora_check
 def test_a_flux1_lora_applies_and_the_next_checkpoint_swaps_in_place(tiny_arch_model, tiny_arch_lora):
     check_swap(ARCH, tiny_arch_model(ARCH), tiny_arch_lora(ARCH, seed=0), tiny_arch_lora(ARCH, seed=1))
 

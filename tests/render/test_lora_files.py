@@ -16,7 +16,7 @@ from diffusers import DiffusionPipeline
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from sidecar.arch import ARCH_SPECS
+from sidecar.arch import ARCH_SPECS, guess_lora_arch
 from sidecar.errors import CheckpointError, LoraError
 from sidecar.plan.request import SampleRequest
 from sidecar.render.adapters.lora_files import (
@@ -24,7 +24,6 @@ from sidecar.render.adapters.lora_files import (
     check_applied,
     detect_format,
     expected_modules,
-    guess_arch,
     inspect_lora,
 )
 from sidecar.render.registry import renderer_class
@@ -67,7 +66,7 @@ def file_keys(path) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------
-# inspect_lora, detect_format, guess_arch on every writer's files
+# inspect_lora, detect_format, guess_lora_arch on every writer's files
 # ---------------------------------------------------------------------------------
 
 
@@ -104,7 +103,7 @@ def test_guess_arch_names_the_writers_architecture_or_none_never_another(arch, l
     assert lora.arch_guess in (arch, None)
     if (arch, lora_format) in ARCH_FROM_NAMES:
         assert lora.arch_guess == ARCH_FROM_NAMES[arch, lora_format]
-    assert guess_arch(file_keys(lora.path)) == lora.arch_guess
+    assert guess_lora_arch(file_keys(lora.path)) == lora.arch_guess
 
 
 @pytest.mark.parametrize("lora_format", ["peft", "kohya", "kohya_sgm"])
@@ -178,7 +177,7 @@ def test_missing_file_raises_checkpoint_error(tmp_path):
 
 
 # ---------------------------------------------------------------------------------
-# detect_format, guess_arch, expected_modules on key lists
+# detect_format, guess_lora_arch, expected_modules on key lists
 # ---------------------------------------------------------------------------------
 
 
@@ -232,8 +231,8 @@ def test_detect_format(keys, expected):
     ],
     ids=["flux-peft", "flux-kohya", "sd3-kohya", "sdxl-peft", "sdxl-te2", "two-architectures", "ambiguous"],
 )
-def test_guess_arch(keys, expected):
-    assert guess_arch(keys) == expected
+def test_guess_lora_arch(keys, expected):
+    assert guess_lora_arch(keys) == expected
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from arch_reference import check_base, check_lora, check_refused, check_swap, needs_lora_check
+from arch_reference import check_base, check_lora, check_refused, check_swap
 
 ARCH = "sd15"
 
@@ -12,7 +12,6 @@ def test_base_with_a_negative_prompt_equals_a_plain_call(tiny_arch_model):
     check_base(ARCH, tiny_arch_model(ARCH), negative_prompt="blurry, low quality")
 
 
-@needs_lora_check
 @pytest.mark.parametrize(
     ("lora_format", "options"), [("peft", {}), ("kohya", {"text_encoder": True, "alpha": 2.0})]
 )
@@ -20,7 +19,6 @@ def test_lora_equals_a_plain_call(lora_format, options, tiny_arch_model, tiny_ar
     check_lora(ARCH, tiny_arch_model(ARCH), tiny_arch_lora(ARCH, lora_format, **options), strength=0.8)
 
 
-@needs_lora_check
 def test_the_next_checkpoint_swaps_in_place(tiny_arch_model, tiny_arch_lora):
     first, second = tiny_arch_lora(ARCH, "kohya", seed=0), tiny_arch_lora(ARCH, "kohya", seed=1)
     check_swap(ARCH, tiny_arch_model(ARCH), first, second)

@@ -283,7 +283,7 @@ def test_wrong_architecture_lora_raises_lora_error(
     np.testing.assert_array_equal(render_one(renderer, sample(base)), base_images(base))
 
 
-# Wrong-architecture LoRAs whose key names tell their architecture (`guess_arch` is not None).
+# Wrong-architecture LoRAs whose key names tell their architecture (`guess_lora_arch` is not None).
 NAMED_ARCH_CASES = (
     ("sdxl", "flux", "peft"),
     ("sdxl", "flux", "kohya"),

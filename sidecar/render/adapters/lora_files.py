@@ -16,7 +16,7 @@ from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
 
-from sidecar.arch import ARCH_SPECS, Arch
+from sidecar.arch import ARCH_SPECS, Arch, guess_lora_arch
 from sidecar.errors import CheckpointError, LoraError
 from sidecar.weights import refuse_pickle
 
@@ -34,25 +34,6 @@ TEXT_ENCODER_MARKERS = ("text_encoder", "lora_te", "te1.", "te2.", "text_encoder
 # OneTrainer's OMI layout: Flux's BFL names under `transformer.` (`convert_onetrainer.py`).
 OMI_MARKERS = ("transformer.double_blocks.", "transformer.single_blocks.")
 
-# Prefixes of the transformer models' denoiser keys: never SDXL, whose denoiser is a UNet.
-TRANSFORMER_PREFIXES = ("lora_transformer_", "transformer.", "lycoris_transformer_blocks_")
-
-# Substrings of LoRA keys that only one architecture's modules have.
-ARCH_KEY_MARKERS: dict[Arch, tuple[str, ...]] = {
-    "flux": ("double_blocks", "single_blocks", "single_transformer_blocks"),
-    "sd3": ("joint_blocks",),
-    "sdxl": (
-        "unet.",
-        "lora_unet_down_blocks",
-        "lora_unet_up_blocks",
-        "lora_unet_mid_block",
-        "lora_unet_input_blocks",
-        "lora_unet_output_blocks",
-        "lora_unet_middle_block",
-        "lora_te2_",
-    ),
-}
-
 
 @dataclass(frozen=True)
 class LoraFile:
@@ -60,7 +41,7 @@ class LoraFile:
 
     path: Path
     format: str  # peft | kohya | comfyui | omi | lycoris | unprefixed
-    arch_guess: Arch | None  # None when the key names fit several architectures
+    arch_guess: str | None  # a `sidecar.arch.LORA_KEY_MARKERS` group; None when several fit
     module_count: int  # LoRA modules as stored in the file (before any conversion)
     has_text_encoder: bool  # re-encode prompts with the LoRA applied
     first_keys: tuple[str, ...]
@@ -110,7 +91,7 @@ def inspect_lora(path: str | Path) -> LoraFile:
     return LoraFile(
         path=path,
         format=lora_format,
-        arch_guess=guess_arch(keys),
+        arch_guess=guess_lora_arch(keys),
         module_count=len(down_keys),
         has_text_encoder=any(marker in key for key in down_keys for marker in TEXT_ENCODER_MARKERS),
         first_keys=tuple(sorted(keys)[:3]),
@@ -137,18 +118,6 @@ def detect_format(keys: list[str]) -> str | None:
     return "unprefixed"
 
 
-def guess_arch(keys: list[str]) -> Arch | None:
-    """The one architecture whose module names the keys use, or None if unclear."""
-    found = {
-        arch
-        for arch, markers in ARCH_KEY_MARKERS.items()
-        if any(marker in key for key in keys for marker in markers)
-    }
-    if any(key.startswith(TRANSFORMER_PREFIXES) for key in keys):
-        found.discard("sdxl")  # a CLIP-G text encoder (`lora_te2_`) beside a transformer: SD 3.5
-    return found.pop() if len(found) == 1 else None
-
-
 def expected_modules(converted_state_dict: dict) -> dict[str, int]:
     """LoRA modules per pipeline component in a state dict diffusers has converted."""
     counts: Counter[str] = Counter()
@@ -168,7 +137,7 @@ def check_applied(lora: LoraFile, expected: dict[str, int], injected: dict[str, 
     label = ARCH_SPECS[arch].label
     if sum(injected.values()) == 0:
         hint = ""
-        if lora.arch_guess and lora.arch_guess != arch:
+        if lora.arch_guess and not ARCH_SPECS[arch].takes_lora_of(lora.arch_guess):
             hint = (
                 f"; its key names are those of a {ARCH_SPECS[lora.arch_guess].label} LoRA, "
                 f"but the base model is {label}"
@@ -185,7 +154,7 @@ def check_applied(lora: LoraFile, expected: dict[str, int], injected: dict[str, 
             f"{lora.path}: the LoRA did not apply: 0 of {lora.module_count} LoRA modules "
             f"({lora.format} format, keys like {keys}) matched a layer of the {label} base model{hint}"
         )
-    if lora.arch_guess and lora.arch_guess != arch:
+    if lora.arch_guess and not ARCH_SPECS[arch].takes_lora_of(lora.arch_guess):
         # Some layer names exist in several architectures (SD 3.5 and Flux share
         # `transformer_blocks.N.attn.to_q`): a foreign LoRA can half-apply. Never render that.
         raise LoraError(

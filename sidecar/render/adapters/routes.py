@@ -42,6 +42,10 @@ class Route:
     converter: Converter | None = None
 
 
+# Base models whose transformer has Flux.1's module layout, so Flux.1's converters apply.
+FLUX1_LAYOUT = ("flux", "flux_kontext", "chroma")
+
+
 def route_for(keys: list[str], *, arch: str) -> Route:
     """The path for a file with these keys onto a base model of `arch`."""
     refuse_unusable_layout(keys)
@@ -49,15 +53,15 @@ def route_for(keys: list[str], *, arch: str) -> Route:
         return Route("lycoris", "lycoris")
     if any(key.startswith("lora_transformer_") for key in keys):
         return Route("converted", "onetrainer_legacy", convert_onetrainer_legacy)
-    if arch == "flux" and any(key.startswith(OMI_PREFIXES + OMI_TOP) for key in keys):
+    if arch in FLUX1_LAYOUT and any(key.startswith(OMI_PREFIXES + OMI_TOP) for key in keys):
         return Route("converted", "onetrainer_omi", convert_onetrainer_omi)
-    if arch == "flux" and any(key.startswith("diffusion_model.") for key in keys):
+    if arch in FLUX1_LAYOUT and any(key.startswith("diffusion_model.") for key in keys):
         return Route("converted", "comfyui", convert_comfyui_flux)
     if arch == "sd3" and any(
         key.startswith(("lora_unet_", "lora_te1_", "lora_te2_", "lora_te3_")) for key in keys
     ):
         return Route("converted", "kohya_sd3", convert_kohya_sd3)
-    if arch == "flux" and any(key.startswith("lora_te3_") for key in keys):
+    if arch in FLUX1_LAYOUT and any(key.startswith("lora_te3_") for key in keys):
         return Route("converted", "kohya_flux", None)  # diffusers' converter plus sidecar's for T5
     return Route("diffusers", "diffusers")
 

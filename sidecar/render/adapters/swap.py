@@ -347,7 +347,7 @@ class AdapterSlot:
 
     def _arch_hint(self, lora: LoraFile) -> str:
         """`(a Flux.1 LoRA)` when the key names tell another architecture, else nothing."""
-        if lora.arch_guess and lora.arch_guess != self.spec.name:
+        if lora.arch_guess and not self.spec.takes_lora_of(lora.arch_guess):
             return f" (its key names are those of a {ARCH_SPECS[lora.arch_guess].label} LoRA)"
         return ""
 
