@@ -162,24 +162,39 @@ def _synchronize(device: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(
-        description="compile time and speed-up of one model (run by `python -m bench`)"
+        description="compile time and speed-up of one model, in this process (`python -m bench --only "
+        "compile` runs it per model; `bench/gpu_check.sh` with --wide on a card)"
     )
-    parser.add_argument("--child", action="store_true", help="measure in this process, print JSON")
-    parser.add_argument("--arch", required=True)
-    parser.add_argument("--model", type=Path, required=True)
-    parser.add_argument("--loras", type=Path, nargs=2, required=True, help="two checkpoints of one run")
+    parser.add_argument("--child", action="store_true", help="(run by `python -m bench`)")
+    parser.add_argument("--arch", default="flux")
+    parser.add_argument("--model", type=Path, help="a diffusers folder; else --wide builds one")
+    parser.add_argument("--loras", type=Path, nargs=2, help="two checkpoints of one run")
+    parser.add_argument("--wide", action="store_true", help="build the wide model of --arch, rank-16 LoRAs")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--size", type=int, default=64, help="image width and height")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args()
+    if not args.wide and (args.model is None or args.loras is None):
+        parser.error("`--model` and `--loras` are needed without `--wide`")
     import torch
 
-    from bench.common import quiet_libraries
+    from bench.common import PROFILES, quiet_libraries
 
     if "OMP_NUM_THREADS" in os.environ:
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     quiet_libraries()
-    result = child(args.arch, args.model, args.loras, steps=args.steps, size=args.size, device=args.device)
+    with tempfile.TemporaryDirectory(prefix="sidecar-compile-") as root:
+        model, loras = args.model, args.loras
+        if args.wide:
+            workspace = Workspace(Path(root), PROFILES["default"])
+            model = workspace.model(args.arch, "wide")
+            loras = [workspace.trainer_lora(args.arch, "wide", seed=1, rank=16, scale=s) for s in (0.5, 1.0)]
+        result = child(args.arch, model, loras, steps=args.steps, size=args.size, device=args.device)
+    result.update(arch=args.arch, steps=args.steps, size_pixels=args.size)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print(json.dumps(result))
 
 

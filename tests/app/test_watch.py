@@ -345,28 +345,21 @@ def test_a_dead_watcher_is_restarted_and_one_that_keeps_dying_stops_the_daemon(m
 # --- the samples folder's own entries -----------------------------------------------------------
 
 
-def test_follow_symlinks_on_the_command_line_reaches_the_daemons_settings(make_site, monkeypatch) -> None:
+@pytest.mark.parametrize(
+    ("flag", "setting"), [("--follow-symlinks", "follow_symlinks"), ("--compile", "compile")]
+)
+def test_a_flag_on_the_command_line_reaches_the_daemons_settings(
+    make_site, monkeypatch, flag: str, setting: str
+) -> None:
     from sidecar.cli import main
 
     site = make_site()
     requests: list[WatchRequest] = []
     monkeypatch.setattr("sidecar.app.watch.run_watch", lambda request: requests.append(request) or 0)
     args = ["watch", str(site.output_dir), "--config", str(site.config_path)]
-    assert main([*args, "--follow-symlinks"]) == 0 and main(args) == 0
-    assert [request.overrides["follow_symlinks"] for request in requests] == [True, None]
-    assert Settings().merged(follow_symlinks=True).follow_symlinks and not Settings().follow_symlinks
-
-
-def test_compile_on_the_command_line_reaches_the_daemons_settings(make_site, monkeypatch) -> None:
-    from sidecar.cli import main
-
-    site = make_site()
-    requests: list[WatchRequest] = []
-    monkeypatch.setattr("sidecar.app.watch.run_watch", lambda request: requests.append(request) or 0)
-    args = ["watch", str(site.output_dir), "--config", str(site.config_path)]
-    assert main([*args, "--compile"]) == 0 and main(args) == 0
-    assert [request.overrides["compile"] for request in requests] == [True, None]
-    assert Settings().merged(compile=True).compile and not Settings().compile
+    assert main([*args, flag]) == 0 and main(args) == 0
+    assert [request.overrides[setting] for request in requests] == [True, None]
+    assert getattr(Settings().merged(**{setting: True}), setting) and not getattr(Settings(), setting)
 
 
 @pytest.mark.parametrize(
