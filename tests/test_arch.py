@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from sidecar.arch import (
+    ARCH_ALIASES,
     ARCH_SPECS,
     arch_from_pipeline_class,
     arch_from_tensor_names,
@@ -61,6 +62,15 @@ def test_every_pipeline_class_names_one_architecture():
 )
 def test_the_names_ai_toolkit_writes(written, arch):
     assert arch_spec(written).name == arch
+
+
+def test_each_alias_names_one_architecture():
+    """Aliases stand in each spec; one written in two specs would silently mean the later one."""
+    written = [alias for spec in ARCH_SPECS.values() for alias in (spec.name, *spec.aliases)]
+    assert len(written) == len(set(written)) == len(ARCH_ALIASES)
+    assert all(alias == alias.strip().lower() for alias in written)  # `canonical_arch` lowers what it reads
+    for spec in ARCH_SPECS.values():
+        assert all(ARCH_ALIASES[alias] == spec.name for alias in (spec.name, *spec.aliases))
 
 
 @pytest.mark.parametrize(

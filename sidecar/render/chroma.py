@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 
 from diffusers import ChromaPipeline
 
-from sidecar.arch import CHROMA
+from sidecar.arch.specs import CHROMA
 from sidecar.plan.request import SampleRequest
 from sidecar.render.base import Embeddings, Renderer
 from sidecar.render.model_sizes import TEXT_ENCODER_KEYS

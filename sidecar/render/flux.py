@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 import torch
 from diffusers import FluxPipeline
 
-from sidecar.arch import FLUX
+from sidecar.arch.specs import FLUX
 from sidecar.plan.request import SampleRequest
 from sidecar.render.base import Embeddings, Renderer
 from sidecar.render.model_sizes import TEXT_ENCODER_KEYS

@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 
 from diffusers import Flux2KleinPipeline, Flux2Pipeline
 
-from sidecar.arch import FLUX2, FLUX2_KLEIN
+from sidecar.arch.specs import FLUX2, FLUX2_KLEIN
 from sidecar.plan.request import SampleRequest
 from sidecar.render.base import Embeddings, Renderer
 from sidecar.render.references import reference_images

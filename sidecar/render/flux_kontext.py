@@ -14,7 +14,7 @@ from typing import Any
 
 from diffusers import FluxKontextPipeline
 
-from sidecar.arch import FLUX_KONTEXT
+from sidecar.arch.specs import FLUX_KONTEXT
 from sidecar.plan.request import SampleRequest
 from sidecar.render.base import Embeddings
 from sidecar.render.flux import FluxRenderer

@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 import torch
 from diffusers import QwenImagePipeline
 
-from sidecar.arch import QWEN_IMAGE
+from sidecar.arch.specs import QWEN_IMAGE
 from sidecar.plan.request import SampleRequest
 from sidecar.render.base import Embeddings, Renderer
 

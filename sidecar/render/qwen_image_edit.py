@@ -20,7 +20,7 @@ from diffusers import QwenImageEditPipeline, QwenImageEditPlusPipeline
 from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit, pipeline_qwenimage_edit_plus
 from PIL import Image
 
-from sidecar.arch import QWEN_IMAGE_EDIT, QWEN_IMAGE_EDIT_PLUS
+from sidecar.arch.specs import QWEN_IMAGE_EDIT, QWEN_IMAGE_EDIT_PLUS
 from sidecar.errors import ModelError
 from sidecar.plan.request import SampleRequest
 from sidecar.render.base import Embeddings, Renderer

@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 
 from diffusers import StableDiffusionPipeline
 
-from sidecar.arch import SD15
+from sidecar.arch.specs import SD15
 from sidecar.plan.request import SampleRequest
 from sidecar.render.base import Embeddings, Renderer
 from sidecar.render.model_sizes import TEXT_ENCODER_KEYS

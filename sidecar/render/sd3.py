@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 
 from diffusers import StableDiffusion3Pipeline
 
-from sidecar.arch import SD3
+from sidecar.arch.specs import SD3
 from sidecar.plan.request import SampleRequest
 from sidecar.render.base import Embeddings, Renderer
 from sidecar.render.model_sizes import TEXT_ENCODER_KEYS

@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 
 from diffusers import StableDiffusionXLPipeline
 
-from sidecar.arch import SDXL
+from sidecar.arch.specs import SDXL
 from sidecar.plan.request import SampleRequest
 from sidecar.render.base import Embeddings, Renderer
 from sidecar.render.model_sizes import TEXT_ENCODER_KEYS

@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 from diffusers import DiffusionPipeline, WanImageToVideoPipeline, WanPipeline
 from PIL import Image
 
-from sidecar.arch import WAN
+from sidecar.arch.specs import WAN
 from sidecar.errors import SidecarError
 from sidecar.plan.request import SampleRequest
 from sidecar.render.base import Embeddings, EventCallback, Renderer, _no_event
