@@ -25,7 +25,8 @@ from sidecar.app.coordinator import Coordinator, CoordinatorRequest, run_coordin
 from sidecar.app.runs import read_runs, runs_status
 from sidecar.app.scheduler import HOLD_FACTOR, Scheduler, choose
 from sidecar.app.worker import BaseSpec, LocalPool, RenderTask, RenderWorker, TaskResult
-from sidecar.cli import build_parser, main
+from sidecar.cli import main
+from sidecar.cli_parser import build_parser
 from sidecar.jobs.store import JobStore
 from sidecar.plan.request import ModelSource
 from sidecar.settings import SamplesFolder

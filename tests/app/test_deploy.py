@@ -14,7 +14,7 @@ import pytest
 from factories import REPO
 
 from sidecar.app.watch import _stop_on_signals
-from sidecar.cli import build_parser
+from sidecar.cli_parser import build_parser
 
 DEPLOY = REPO / "deploy"
 UNIT = DEPLOY / "sidecar@.service"
