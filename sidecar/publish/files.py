@@ -6,11 +6,8 @@ restarted daemon never sees half a file, and re-rendering a sample after a crash
 replaces it instead of adding a second copy. The `.txt` is written first and the
 image last, so an image on disk means the sample is complete.
 
-The image carries its settings the way AUTOMATIC1111 writes them ("infotext"), so
-A1111/Forge "PNG Info", Civitai and most image viewers show them:
-- PNG: a `parameters` text chunk;
-- JPEG / WebP: EXIF UserComment (tag 0x9286) as `UNICODE\\0` + UTF-16 big-endian text,
-  what A1111 writes through piexif (done here with Pillow alone).
+The image carries its settings the way AUTOMATIC1111 writes them (`infotext.py`), so
+A1111/Forge "PNG Info", Civitai and most image viewers show them.
 
 The `.txt` holds the final prompt only, as ai-toolkit's prompt file does; the
 negative prompt and the settings are in the image's infotext.
@@ -19,7 +16,6 @@ negative prompt and the settings are in the image's infotext.
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import os
 import re
@@ -30,11 +26,10 @@ from typing import IO, NamedTuple
 
 from PIL import Image, PngImagePlugin
 
-from sidecar.arch import arch_spec
 from sidecar.confined import ConfinedFolder, UnsafeEntryError
-from sidecar.errors import ConfigError, SamplerError, TransientError
+from sidecar.errors import ConfigError, TransientError
 from sidecar.plan.request import SampleRequest
-from sidecar.samplers import sampler_spec
+from sidecar.publish.infotext import PNG_INFO_KEY, exif_with_comment, infotext
 from sidecar.settings import SAMPLE_STEM_FORMAT, SamplesFolder
 
 logger = logging.getLogger("sidecar.publish")
@@ -48,14 +43,7 @@ IMAGE_FORMATS: dict[str, tuple[str, str]] = {
 FORMAT_ALIASES = {"jpeg": "jpg"}
 JPEG_QUALITY = 95
 WEBP_QUALITY = 95
-PNG_INFO_KEY = "parameters"  # A1111's text chunk name
-EXIF_IFD_POINTER = 0x8769
-EXIF_USER_COMMENT = 0x9286
-USER_COMMENT_UNICODE = b"UNICODE\x00"  # EXIF character code: UTF-16 follows
-USER_COMMENT_ASCII = b"ASCII\x00\x00\x00"
-MAX_EXIF_BYTES = 65_533  # one JPEG APP1 segment; longer EXIF cannot be stored
 VIDEO_SUFFIX = ".mp4"  # beside an animated sample's WebP (`sidecar.publish.video`)
-MODEL_FILE_SUFFIXES = {".safetensors", ".ckpt", ".sft", ".gguf", ".pt", ".pth", ".bin"}
 
 # Temp files: hidden, named after their target (`sidecar.confined`), so a killed process leaves
 # them recognisable.
@@ -105,95 +93,6 @@ def sample_paths(samples_dir: Path, step: int, index: int, image_format: str = "
 
 
 # ---------------------------------------------------------------------------------
-# Infotext
-# ---------------------------------------------------------------------------------
-
-
-def _quote(value: object) -> str:
-    """A1111's rule: a value holding `,`, `:` or a newline is written as a JSON string."""
-    text = str(value)
-    if "," not in text and ":" not in text and "\n" not in text:
-        return text
-    return json.dumps(text, ensure_ascii=False)
-
-
-def _number(value: float) -> str:
-    """`7.0` -> `7`, `7.5` -> `7.5`: as A1111 infotexts usually read."""
-    number = float(value)
-    return str(int(number)) if number.is_integer() else repr(number)
-
-
-def _model_name(base_model: str) -> str:
-    """A local path becomes its file or folder name (no directories leak into shared images);
-    a hub id (`org/name`) is kept."""
-    path = Path(base_model).expanduser()
-    if not (path.is_absolute() or base_model.startswith((".", "~")) or path.suffix in MODEL_FILE_SUFFIXES):
-        return base_model
-    return path.stem if path.suffix in MODEL_FILE_SUFFIXES else path.name
-
-
-def uses_true_cfg(request: SampleRequest) -> bool:
-    """Flux runs true CFG (and reads the negative prompt) only above 1 and with a negative prompt."""
-    return request.true_cfg_scale > 1.0 and bool(request.negative_prompt.strip())
-
-
-CONTROL_IMAGE_KEY = "Control image"  # infotext key of a sample's reference image(s)
-
-
-def infotext(
-    request: SampleRequest, *, base_model: str, lora_name: str | None, step: int | None, arch: str
-) -> str:
-    """The A1111 `parameters` text of one sample.
-
-    Layout (A1111 `create_infotext`): the prompt; `Negative prompt: ...` when there is one
-    that the model used; then `Key: value` pairs joined by `, `. On Flux and the other models
-    with embedded guidance, `Guidance` is the distilled guidance and `CFG scale` appears only
-    when true CFG ran; a negative prompt that such a model ignored (no true CFG) is left out, so
-    the text describes what was rendered. An edit model's reference images are `Control image`,
-    `Control image 2`... (full paths: the gallery shows them beside the samples).
-    """
-    spec = arch_spec(arch)
-    try:
-        sampler = sampler_spec(spec.name, request.sampler)
-        sampler_label, schedule_type = sampler.label, sampler.schedule_type
-    except SamplerError:  # metadata must not lose a rendered image; record the name as given
-        logger.warning(
-            "sampler %r is not valid for %s; writing it to the infotext as is", request.sampler, arch
-        )
-        sampler_label, schedule_type = request.sampler, None
-
-    negative = request.negative_prompt.strip()
-    params: dict[str, str | None] = {
-        "Steps": str(request.steps),
-        "Sampler": sampler_label,
-        "Schedule type": schedule_type,
-    }
-    if spec.guidance == "embedded":
-        true_cfg = spec.true_cfg and uses_true_cfg(request)
-        params["CFG scale"] = _number(request.true_cfg_scale) if true_cfg else None
-        params["Guidance"] = _number(request.guidance_scale)
-        if not true_cfg:
-            negative = ""
-    else:
-        params["CFG scale"] = _number(request.guidance_scale)
-    params.update(
-        {
-            "Seed": str(request.seed),
-            "Size": f"{request.width}x{request.height}",
-            "Model": _model_name(base_model),
-            "Lora": Path(lora_name).name if lora_name else None,
-            "Lora strength": _number(request.strength) if lora_name else None,
-            "Step": str(step) if step is not None else None,
-        }
-    )
-    for number, path in enumerate(request.control_images, start=1):
-        params[CONTROL_IMAGE_KEY if number == 1 else f"{CONTROL_IMAGE_KEY} {number}"] = path
-    pairs = ", ".join(f"{key}: {_quote(value)}" for key, value in params.items() if value is not None)
-    negative_line = f"\nNegative prompt: {negative}" if negative else ""
-    return f"{request.prompt}{negative_line}\n{pairs}".strip()
-
-
-# ---------------------------------------------------------------------------------
 # Atomic writing
 # ---------------------------------------------------------------------------------
 
@@ -225,18 +124,6 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None], *, root: Path |
         folder.write_atomic(Path(path).name, write)
 
 
-def _exif_with_comment(text: str) -> bytes | None:
-    """EXIF bytes holding `text` as UserComment, as piexif's `UserComment.dump(encoding="unicode")`."""
-    exif = Image.Exif()
-    exif.endian = ">"  # big-endian TIFF header, matching the UTF-16-BE comment
-    exif.get_ifd(EXIF_IFD_POINTER)[EXIF_USER_COMMENT] = USER_COMMENT_UNICODE + text.encode("utf-16-be")
-    data = exif.tobytes()
-    if len(data) > MAX_EXIF_BYTES:
-        logger.warning("infotext of %d characters does not fit in EXIF; image saved without it", len(text))
-        return None
-    return data
-
-
 def _encode_image(image: Image.Image, pil_format: str, text: str) -> Callable[[IO[bytes]], None]:
     """A writer that saves `image` in `pil_format` with `text` as its metadata."""
     if pil_format == "PNG":
@@ -244,7 +131,7 @@ def _encode_image(image: Image.Image, pil_format: str, text: str) -> Callable[[I
         info.add_text(PNG_INFO_KEY, text)  # falls back to iTXt (UTF-8) for non-latin-1 prompts
         return lambda handle: image.save(handle, format="PNG", pnginfo=info)
 
-    exif = _exif_with_comment(text)
+    exif = exif_with_comment(text)
     extra = {"exif": exif} if exif else {}
     if pil_format == "JPEG":
         converted = image if image.mode in ("RGB", "L") else image.convert("RGB")
@@ -397,34 +284,3 @@ def remove_stale_temp_files(samples_dir: Path) -> int:
     if removed:
         logger.info("removed %d unfinished temp file(s) under %s", removed, root)
     return removed
-
-
-# ---------------------------------------------------------------------------------
-# Reading back
-# ---------------------------------------------------------------------------------
-
-
-def _decode_user_comment(raw: bytes | str, big_endian: bool) -> str | None:
-    if isinstance(raw, str):
-        return raw or None
-    prefix, body = raw[:8], raw[8:]
-    if prefix == USER_COMMENT_UNICODE:
-        return body.decode("utf-16-be" if big_endian else "utf-16-le", errors="replace")
-    if prefix == USER_COMMENT_ASCII:
-        return body.decode("ascii", errors="replace")
-    return raw.decode("utf-8", errors="ignore").strip("\x00") or None
-
-
-def read_infotext(path: Path) -> str | None:
-    """The A1111 infotext of a PNG / JPEG / WebP sample, or None if it has none."""
-    with Image.open(path) as image:
-        if image.format == "PNG":
-            text = image.info.get(PNG_INFO_KEY)
-            if text is None:
-                text = getattr(image, "text", {}).get(PNG_INFO_KEY)
-            return str(text) if text is not None else None
-        exif = image.getexif()
-        raw = exif.get_ifd(EXIF_IFD_POINTER).get(EXIF_USER_COMMENT)
-        if not raw:
-            return None
-        return _decode_user_comment(raw, big_endian=exif.endian != "<")

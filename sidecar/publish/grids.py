@@ -18,14 +18,9 @@ from PIL import Image, ImageDraw, ImageFont
 
 from sidecar.errors import SidecarError
 from sidecar.plan.request import SampleRequest
+from sidecar.publish.catalog import STEP_GRID_NAME, find_samples, read_sample_info, step_label
 from sidecar.publish.files import atomic_write, step_dir
-from sidecar.publish.gallery import (
-    STEP_GRID_NAME,
-    SampleInfo,
-    find_samples,
-    read_sample_info,
-    step_label,
-)
+from sidecar.publish.infotext import SampleInfo
 from sidecar.publish.video import FrameChoice, frame_count, load_frame
 from sidecar.settings import BASELINE_STEP
 

@@ -25,15 +25,8 @@ from typing import IO, Literal, NamedTuple
 from PIL import Image
 
 from sidecar.plan.request import SampleRequest
-from sidecar.publish.files import (
-    VIDEO_SUFFIX,
-    _exif_with_comment,
-    atomic_write,
-    infotext,
-    sample_paths,
-    write_prompt_file,
-    write_retrying,
-)
+from sidecar.publish.files import VIDEO_SUFFIX, atomic_write, sample_paths, write_prompt_file, write_retrying
+from sidecar.publish.infotext import exif_with_comment, infotext
 
 logger = logging.getLogger("sidecar.publish")
 
@@ -68,7 +61,7 @@ def fps_of(request: SampleRequest) -> int:
 
 
 def video_infotext(request: SampleRequest, frame_count: int, **options: object) -> str:
-    """The sample's A1111 infotext (`files.infotext`, `options` its arguments) with `Frames` and `FPS`."""
+    """The sample's A1111 infotext (`infotext.infotext`, `options` its arguments) with `Frames` and `FPS`."""
     return f"{infotext(request, **options)}, Frames: {frame_count}, FPS: {fps_of(request)}"  # type: ignore[arg-type]
 
 
@@ -77,7 +70,7 @@ def encode_webp(
 ) -> bytes:
     """An animated WebP that loops forever, `text` in its EXIF UserComment."""
     first, *rest = [frame.convert("RGB") for frame in frames]
-    exif = _exif_with_comment(text) if text else None
+    exif = exif_with_comment(text) if text else None
     buffer = io.BytesIO()
     first.save(
         buffer,

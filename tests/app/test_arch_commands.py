@@ -12,7 +12,7 @@ from arch_reference import reference_image
 
 from sidecar.app.render_cmd import render_command
 from sidecar.app.watch import WatchRequest, run_watch
-from sidecar.publish.files import read_infotext
+from sidecar.publish.infotext import read_infotext
 
 ARCHS = ("sd15", "chroma", "flux_kontext", "flux2", "flux2_klein", "qwen_image", "zimage")
 

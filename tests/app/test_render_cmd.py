@@ -16,7 +16,7 @@ from sidecar.app.watch import WatchRequest, run_watch
 from sidecar.errors import CheckpointError, ModelError, SidecarError
 from sidecar.plan.build import build_plan
 from sidecar.plan.config import load_trainer_config
-from sidecar.publish.files import read_infotext
+from sidecar.publish.infotext import read_infotext
 
 
 def write_config(folder: Path, model: Path | str, *, extra: str = "") -> Path:

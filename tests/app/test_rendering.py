@@ -9,7 +9,7 @@ from PIL import Image
 
 from sidecar.app.rendering import render_samples
 from sidecar.plan.request import SampleRequest
-from sidecar.publish.files import read_infotext
+from sidecar.publish.infotext import read_infotext
 from sidecar.render import memory
 from sidecar.render.base import Renderer
 from sidecar.render.memory import MemoryPolicy, OutOfMemoryError, Placement

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from sidecar.publish.files import remove_stale_temp_files
-from sidecar.publish.gallery import find_samples
+from sidecar.publish.catalog import find_samples
 from sidecar.publish.video import frame_count
 
 WAIT_SECONDS = 60.0  # for the child to reach the middle of its MP4

@@ -20,15 +20,9 @@ from factories import REPO, sample_request
 from PIL import Image, ImageDraw
 
 from sidecar.confined import UnsafeEntryError
-from sidecar.publish.files import NOTE_PREFIX, infotext, write_sample
-from sidecar.publish.gallery import (
-    THUMB_SIZE_PX,
-    build_gallery,
-    find_samples,
-    parse_infotext,
-    read_sample_info,
-    thumbnail_path,
-)
+from sidecar.publish.catalog import find_samples, read_sample_info
+from sidecar.publish.files import NOTE_PREFIX, write_sample
+from sidecar.publish.gallery import THUMB_SIZE_PX, build_gallery, thumbnail_path
 
 ARTIFACTS = Path(os.environ.get("SIDECAR_ARTIFACTS", REPO / "out" / "artifacts"))
 CHROMIUM_TIMEOUT_S = 30
@@ -228,23 +222,6 @@ def test_a_note_in_the_prompt_file_is_not_part_of_the_prompt(tmp_path: Path) -> 
     text = tmp_path / "step_000500" / "sample_00.txt"
     text.write_text(f"{REQUEST.prompt}\n{NOTE_PREFIX}a hard link of step_000400/sample_00.png\n")
     assert read_sample_info(tmp_path / "step_000500" / "sample_00.png").prompt == REQUEST.prompt
-
-
-def test_infotext_round_trip() -> None:
-    text = infotext(
-        replace(REQUEST, prompt="a, b: c"),
-        base_model="sdxl",
-        lora_name="x.safetensors",
-        step=500,
-        arch="sdxl",
-    )
-    info = parse_infotext(text)
-    assert info.prompt == "a, b: c"
-    assert info.negative_prompt == "blurry, lowres"
-    assert info.params["Seed"] == "42"
-    assert info.params["Lora strength"] == "0.8"
-    assert info.params["Size"] == "64x64"
-    assert info.seed == "42" and info.strength == "0.8"
 
 
 def test_sample_without_metadata_still_gets_a_row(tmp_path: Path) -> None:

@@ -8,8 +8,9 @@ from pathlib import Path
 from factories import sample_request
 from PIL import Image
 
-from sidecar.publish.files import infotext, read_infotext, write_sample
-from sidecar.publish.gallery import THUMBS_DIR, build_gallery, parse_infotext
+from sidecar.publish.files import write_sample
+from sidecar.publish.gallery import THUMBS_DIR, build_gallery
+from sidecar.publish.infotext import infotext, parse_infotext, read_infotext
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "configs" / "references"
 

@@ -15,9 +15,11 @@ from PIL import Image
 from sidecar.cli import main
 from sidecar.errors import SidecarError
 from sidecar.plan.request import SampleRequest
-from sidecar.publish.files import SampleWriteError, read_infotext, remove_stale_temp_files, write_sample
-from sidecar.publish.gallery import build_gallery, find_samples, read_sample_info
+from sidecar.publish.catalog import find_samples, read_sample_info
+from sidecar.publish.files import SampleWriteError, remove_stale_temp_files, write_sample
+from sidecar.publish.gallery import build_gallery
 from sidecar.publish.grids import compare_grid, write_step_grid
+from sidecar.publish.infotext import read_infotext
 from sidecar.publish.step import publish_step
 from sidecar.publish.video import (
     animation_fps,
