@@ -32,6 +32,7 @@ from sidecar.render.loading import load_base_pipeline, load_text_encoder, load_v
 from sidecar.render.memory import Placement
 from sidecar.render.model_sizes import BACKBONE, COMPONENTS, TEXT_ENCODER
 from sidecar.render.schedulers import make_scheduler
+from sidecar.render.single_file import require_components
 from sidecar.samplers import sampler_spec
 
 logger = logging.getLogger("sidecar.render")
@@ -95,6 +96,7 @@ class Renderer(ABC):
                 raise ModelError(f"is not used by {cls.spec.label}; it takes {known}", key=key)
             component = cls.text_encoder_keys[key]
             setattr(pipe, component, load_text_encoder(getattr(pipe, component), path, key=key, dtype=dtype))
+        require_components(pipe, model_source)  # a denoiser-only single file: every part it lacks named
         return cls(pipe, base_model=str(model_source), on_event=on_event)
 
     @property

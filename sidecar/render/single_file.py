@@ -11,7 +11,8 @@ and when neither has them the error names the files and where to put them.
 A file that holds only the denoiser (BFL's `flux1-dev.safetensors`, kohya's and ComfyUI's
 usual layout) gets placeholders for the VAE and text encoders, built from the same configs on
 the meta device: the base model's `vae_path`, `clip_l_path`, `clip_g_path` and `t5_path`
-replace them, and a placeholder still in place when the pipeline runs raises, naming the key.
+replace them, and a placeholder still in place once they have is refused at load
+(`require_components`), naming the component and the key to set.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ CLIP_L = ("text_encoders.clip_l.", "conditioner.embedders.0.transformer.", "cond
 CLIP_G = ("text_encoders.clip_g.", "conditioner.embedders.1.model.")
 T5 = ("text_encoders.t5xxl.",)
 VAE = ("first_stage_model.", "vae.")
+
+PLACEHOLDER_ATTRIBUTE = "sidecar_placeholder"  # on a stand-in component: the `model:` key that fills it
 
 Shapes = dict[str, list[int]]
 
@@ -213,5 +216,26 @@ def _placeholder(
     module.register_forward_pre_hook(refuse)
     if hasattr(module, "encode"):  # the VAE runs through encode/decode, not forward
         module.decode = module.encode = refuse  # type: ignore[method-assign]
-    module.sidecar_placeholder = key
+    setattr(module, PLACEHOLDER_ATTRIBUTE, key)
     return module
+
+
+def require_components(pipe: DiffusionPipeline, source: str | Path) -> None:
+    """Refuse a pipeline that still holds a placeholder: a single file with the denoiser alone,
+    without the `model:` keys that name the parts it lacks. Raised at load, naming each part and
+    its key, rather than at the first render."""
+    missing = [
+        (name, getattr(module, PLACEHOLDER_ATTRIBUTE))
+        for name, module in pipe.components.items()
+        if getattr(module, PLACEHOLDER_ATTRIBUTE, None)
+    ]
+    if not missing:
+        return
+    component, key = missing[0]
+    every = ", ".join(f"`model.{name_key}` ({name})" for name, name_key in missing)
+    others = f" (every part the file lacks: {every})" if len(missing) > 1 else ""
+    raise ModelError(
+        f"must be set: the single file {Path(source).name} holds no {component}; point it at the "
+        f"{component}'s file or folder{others}",
+        key=key,
+    )

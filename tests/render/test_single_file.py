@@ -17,6 +17,7 @@ from diffusers_reference import render_one, sample, short_t5
 
 from sidecar.errors import ModelError
 from sidecar.render import single_file
+from sidecar.render.loading import load_base_pipeline
 from sidecar.render.registry import renderer_class
 from sidecar.render.single_file import SINGLE_FILE_MODELS, SingleFileModel, tokenizer_folder
 from sidecar.testing.original_files import write_original
@@ -68,15 +69,26 @@ def test_bfl_flux_file_renders_as_the_diffusers_folder(wide_model, tmp_path, mon
     np.testing.assert_array_equal(image, render_one(renderer_class("flux").from_model(folder), request))
 
 
-def test_a_part_the_file_lacks_is_named_when_the_pipeline_needs_it(tiny_models, tmp_path, monkeypatch):
-    """A denoiser-only file without `vae_path` / text-encoder paths loads; rendering names the key."""
+def test_a_part_the_file_lacks_is_named_at_load(tiny_models, tmp_path, monkeypatch):
+    """A denoiser-only file without `vae_path` / text-encoder paths gets placeholders, and the
+    renderer refuses to load with them, naming each part and its key (not at the first render)."""
     folder = tiny_models["sd3"]
     path = write_original(folder, "sd3", tmp_path / "sd3.safetensors")
     as_known_model(monkeypatch, folder, "sd3")
-    renderer = renderer_class("sd3").from_model(path)
-    assert renderer.pipe.vae.sidecar_placeholder == "vae_path"
+    pipe = load_base_pipeline(renderer_class("sd3").pipeline_class, path, dtype=torch.float32)
+    assert pipe.vae.sidecar_placeholder == "vae_path"
+    with pytest.raises(ModelError) as error:
+        renderer_class("sd3").from_model(path)
+    assert error.value.key == "vae_path"  # the first part the pipeline lists; every one is named
+    message = str(error.value)
+    assert message.startswith("`model.vae_path` must be set: the single file sd3.safetensors holds no vae;")
+    for key, component in {**ENCODER_KEYS["sd3"], "vae_path": "vae"}.items():
+        assert f"`model.{key}` ({component})" in message
+    with pytest.raises(ModelError, match=r"^`model.clip_l_path` must be set: .* holds no text_encoder;"):
+        renderer_class("sd3").from_model(path, vae_path=folder / "vae")
+    # The placeholder never runs: its hook stays the last guard for a pipeline loaded by hand.
     with pytest.raises(ModelError, match=r"holds no text_encoder; set `model.clip_l_path`"):
-        render_one(renderer, sample("sd3"))
+        pipe.text_encoder(torch.zeros(1, 4, dtype=torch.long))
 
 
 # The published shapes that tell the models apart (tensor names without the SGM prefix).
