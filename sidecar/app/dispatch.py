@@ -28,6 +28,7 @@ current image, done samples stay done, the rest go back to pending.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import threading
 import time
@@ -66,6 +67,14 @@ def _is_cuda_oom(error: BaseException) -> bool:
     from sidecar.render.devices import is_cuda_oom  # torch: only once a render failed
 
     return is_cuda_oom(error)
+
+
+def _freeze_heap() -> None:
+    """Move what is alive now (the base model's tens of thousands of Python objects, which live as
+    long as the process) out of the cyclic garbage collector's reach: otherwise each full
+    collection walks them all, a 0.3-0.5 s pause every few seconds of rendering on a deep model."""
+    gc.collect()
+    gc.freeze()
 
 
 class _Preload:
@@ -167,6 +176,7 @@ class Dispatcher:
             # ModelError stops the daemon
             self.renderer = preload.result() if preload is not None else self.renderer_factory()
             logger.info("base model ready in %.1f s", time.perf_counter() - started)
+            _freeze_heap()
         claimed = self.store.claim_next_checkpoint(now, backlog=self.backlog)
         if claimed is None:
             self.state.set("idle")
@@ -190,6 +200,8 @@ class Dispatcher:
         """Publish the steps still queued, then write the final state for `sidecar status`."""
         self.publisher.close()
         self.state.set("stopped")
+        if self.renderer is not None:
+            gc.unfreeze()  # `_freeze_heap`'s objects: collectable again once the daemon lets go
 
     def _catch_up(self) -> None:
         """Steps rendered by a process killed before it published them: published now."""

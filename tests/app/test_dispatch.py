@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gc
 import json
 import logging
 import os
@@ -47,6 +48,13 @@ ABANDON_SECONDS = 5.0
 PROMPTS = ("a photo of [trigger]", "[trigger] in the snow")
 NAME = "demo_lora"
 CLOSED_REASON = "the trainer holds the GPU"
+
+
+@pytest.fixture(autouse=True)
+def collectable_heap() -> Iterator[None]:
+    """A dispatcher freezes the heap when its base loads (`_freeze_heap`); each test ends unfrozen."""
+    yield
+    gc.unfreeze()
 
 
 @pytest.fixture(scope="module")
@@ -737,6 +745,7 @@ def test_the_base_preloads_on_a_thread_once_and_the_loop_takes_it(make_rig) -> N
     rig.run(0.0, 1.5)
 
     assert loaded_on == ["sidecar-load-base"] and rig.jobs()[100].state == "done"
+    assert gc.get_freeze_count() > 0  # the base's objects: out of the full collections' way
     rig.dispatcher.preload()  # loaded: nothing to do
     assert loaded_on == ["sidecar-load-base"]
 
