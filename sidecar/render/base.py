@@ -60,7 +60,9 @@ class Renderer(ABC):
         self.base_model = base_model
         self.on_event = on_event
         self.base_scheduler_config = dict(pipe.scheduler.config)
-        self.adapter = AdapterSlot(pipe, pipeline_class=self.pipeline_class, spec=self.spec)
+        self.adapter = AdapterSlot(
+            pipe, pipeline_class=self.pipeline_class, spec=self.spec, lifted=self._offload_lifted
+        )
         self.placement: Placement | None = None  # set when placed on a device (`load_renderer`)
         self._device: tuple[tuple[str, bool], torch.device] | None = None  # (placement state, device)
         self._lora_generation = 0  # bumps on every swap; keys text-encoder-LoRA embeddings
@@ -130,6 +132,12 @@ class Renderer(ABC):
         """The transformer or UNet: what `model.quantize` stores in 8 bits."""
         name = next(name for name, role in COMPONENTS[self.spec.name].items() if role == BACKBONE)
         return getattr(self.pipe, name)
+
+    def _offload_lifted(self) -> contextlib.AbstractContextManager[None]:
+        """Group and sequential offload's hooks off while a LyCORIS network goes on or off."""
+        if self.placement is None:
+            return contextlib.nullcontext()
+        return self.placement.lifted(self.pipe)
 
     def _encoders_attached(self) -> contextlib.AbstractContextManager[None]:
         """Text encoders held on the CPU rejoin the pipeline for a LoRA change or an encode."""

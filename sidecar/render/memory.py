@@ -6,7 +6,7 @@ card has left (offload modes, chosen from the model's size and the card's free
 memory), must step down to a stronger offload mode when CUDA runs out of memory
 instead of failing the job, and on a shared card must hold no VRAM between renders
 (`park` / `unpark`). Nothing here knows a specific model: a pipeline is a diffusers
-pipeline whose `components` hold `torch.nn.Module`s.
+pipeline whose `components` hold `torch.nn.Module`s. The hooks themselves: `offload.py`.
 
 Memory modes, from fastest to leanest:
 - `none`: the whole pipeline on the device.
@@ -31,8 +31,9 @@ import torch
 
 from sidecar.errors import SidecarError
 from sidecar.render.devices import allocated_bytes, free_cuda_cache, is_cuda_oom
-from sidecar.render.loaded_plan import module_components, plan_for_card, plan_pipeline
+from sidecar.render.loaded_plan import plan_for_card, plan_pipeline
 from sidecar.render.memory_plan import MODES, MemoryPlan
+from sidecar.render.offload import detach, hold_modules, keep_networks_on, unhook
 from sidecar.settings import OFFLOAD_MODES
 
 logger = logging.getLogger("sidecar.render")
@@ -45,10 +46,6 @@ GROUP_BLOCKS_PER_GROUP = 1  # blocks onloaded together in `group` mode
 # Streams overlap transfers with compute but pin a host copy of every weight; off until
 # measured on the cards we target (see bench/gpu_check.sh).
 GROUP_USE_STREAM = False
-
-# diffusers 0.42 has no public way to remove group offloading; these are the hook
-# names `diffusers.hooks.group_offloading` registers (checked against 0.42.1).
-_GROUP_OFFLOAD_HOOK_NAMES = ("group_offloading", "layer_execution_tracker", "lazy_prefetch_group_offloading")
 
 
 T = TypeVar("T")
@@ -112,6 +109,7 @@ def _place(pipe: Any, mode: MemoryMode, device: torch.device) -> None:
         pipe.enable_model_cpu_offload(device=device)
     elif mode == "sequential":
         pipe.enable_sequential_cpu_offload(device=device)
+        keep_networks_on(pipe, device)
     elif mode == "group":
         pipe.enable_group_offload(
             onload_device=device,
@@ -130,38 +128,6 @@ def _set_vae_memory_savers(pipe: Any, *, on: bool) -> None:
         method = getattr(vae, enable if on else disable, None)
         if callable(method):
             method()
-
-
-def has_group_offload(module: torch.nn.Module) -> bool:
-    """Whether diffusers' group offloading hooks sit anywhere in `module`."""
-    return any(
-        registry is not None and any(name in registry.hooks for name in _GROUP_OFFLOAD_HOOK_NAMES)
-        for registry in (getattr(m, "_diffusers_hook", None) for m in module.modules())
-    )
-
-
-def _remove_group_offload(module: torch.nn.Module) -> None:
-    for sub in module.modules():
-        registry = getattr(sub, "_diffusers_hook", None)
-        if registry is None:
-            continue
-        for name in _GROUP_OFFLOAD_HOOK_NAMES:
-            registry.remove_hook(name, recurse=False)
-
-
-def detach(pipe: Any) -> None:
-    """Remove every offload hook and bring all weights back to CPU RAM.
-
-    `remove_all_hooks` undoes model and sequential offload (accelerate puts the weights
-    kept aside under sequential offload back in place); group offload hooks are
-    removed one registry at a time, as diffusers 0.42 has no public call for it.
-    """
-    if hasattr(pipe, "remove_all_hooks"):
-        pipe.remove_all_hooks()
-    for module in module_components(pipe).values():
-        if has_group_offload(module):
-            _remove_group_offload(module)
-    pipe.to("cpu")
 
 
 def park(pipe: Any, device: torch.device | None = None) -> None:
@@ -234,6 +200,7 @@ class Placement:
     encoders_on_cpu: bool = False
     parked: bool = False
     held: dict[str, torch.nn.Module] = field(default_factory=dict)
+    _lifted: bool = field(default=False, repr=False)
 
     @classmethod
     def place(
@@ -288,6 +255,27 @@ class Placement:
             for name, module in self.held.items():
                 setattr(pipe, name, None)
                 unhook(module)  # diffusers re-applies offload to every component after a LoRA load
+
+    @contextlib.contextmanager
+    def lifted(self, pipe: Any) -> Iterator[None]:
+        """Under `group` or `sequential` offload, the pipeline without its hooks for the block
+        (weights real, in CPU RAM), then offloaded again; otherwise nothing.
+
+        For a change the hooks would miss: a LyCORIS network wraps layers' `forward`, which
+        accelerate's per-layer hooks (`sequential`) wrap too, so put on or taken off under them
+        one wrapper drops the other; and group offload takes a new network's tensors into its
+        groups only when it makes them. Model offload moves whole components: nothing to lift.
+        """
+        if self._lifted or self.parked or self.mode not in ("group", "sequential"):
+            yield
+            return
+        self._lifted = True
+        detach(pipe)
+        try:
+            yield
+        finally:
+            self._lifted = False
+            _place(pipe, self.mode, self.device)
 
     def run(self, pipe: Any, action: Callable[[], T], *, phase: str, place_first: bool = False) -> T:
         """`action()`, stepping to a stronger memory mode and again after each CUDA OOM.
@@ -346,34 +334,3 @@ class Placement:
             return
         unpark(pipe, self.device, self.policy.mode)
         self.parked = False
-
-
-def hold_modules(pipe: Any, names: tuple[str, ...]) -> dict[str, torch.nn.Module]:
-    """Take `names` out of the pipeline (set to None), on the CPU: no offload mode sees them.
-
-    diffusers' pipelines take prompt embeddings without their text encoders, and
-    `_execution_device` then looks only at the components that run on the card.
-    """
-    held = {}
-    for name in names:
-        module = getattr(pipe, name, None)
-        if isinstance(module, torch.nn.Module):
-            held[name] = unhook(module)
-            setattr(pipe, name, None)
-    if held:
-        logger.info("%s wait in CPU RAM and encode there (memory plan)", ", ".join(held))
-    return held
-
-
-def unhook(module: torch.nn.Module) -> torch.nn.Module:
-    """`module` without offload hooks (accelerate's, diffusers' group offload), in CPU RAM.
-
-    A held text encoder must encode where it is: a hook left on it would move it to the card.
-    """
-    from accelerate.hooks import remove_hook_from_module
-
-    if any(hasattr(sub, "_hf_hook") for sub in module.modules()):
-        remove_hook_from_module(module, recurse=True)
-    if has_group_offload(module):
-        _remove_group_offload(module)
-    return module.to("cpu")

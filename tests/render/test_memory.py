@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from sidecar.errors import SidecarError
-from sidecar.render import memory, memory_plan
+from sidecar.render import memory, memory_plan, offload
 from sidecar.render.devices import allocated_bytes, resolve_device, resolve_dtype
+from sidecar.render.loaded_plan import module_components
 from sidecar.render.memory import (
     MemoryPolicy,
     apply_memory_mode,
@@ -72,12 +73,12 @@ def _render(pipe) -> np.ndarray:
 
 
 def _devices_of(pipe) -> set[str]:
-    return {t.device.type for m in memory.module_components(pipe).values() for t in m.parameters()}
+    return {t.device.type for m in module_components(pipe).values() for t in m.parameters()}
 
 
 def _has_hooks(pipe) -> bool:
-    modules = memory.module_components(pipe).values()
-    return any(hasattr(m, "_hf_hook") or memory.has_group_offload(m) for m in modules)
+    modules = module_components(pipe).values()
+    return any(hasattr(m, "_hf_hook") or offload.has_group_offload(m) for m in modules)
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +141,7 @@ def test_switching_modes_after_group_offload():
     memory._place(pipe, "group", torch.device("cpu"))
     memory.detach(pipe)
     memory._place(pipe, "model", torch.device("cpu"))
-    assert any(hasattr(m, "_hf_hook") for m in memory.module_components(pipe).values())
+    assert any(hasattr(m, "_hf_hook") for m in module_components(pipe).values())
     park(pipe)
     assert not _has_hooks(pipe)
 
@@ -261,8 +262,73 @@ def test_held_text_encoders_go_back_on_the_cpu_without_offload_hooks():
     with placement.encoders_attached(pipe):
         memory._place(pipe, "group", torch.device("cpu"))  # hooks on every component, encoders too
         cpu_offload_with_hook(pipe.text_encoder, "cpu")
-        assert memory.has_group_offload(pipe.text_encoder_2) and hasattr(pipe.text_encoder, "_hf_hook")
+        assert offload.has_group_offload(pipe.text_encoder_2) and hasattr(pipe.text_encoder, "_hf_hook")
     assert pipe.text_encoder is None and pipe.text_encoder_2 is None
     for module in placement.held.values():
-        assert not memory.has_group_offload(module)
+        assert not offload.has_group_offload(module)
         assert not any(hasattr(sub, "_hf_hook") for sub in module.modules())
+
+
+# --- a LyCORIS network under offload -------------------------------------------------
+
+
+def _group_tensors(component: torch.nn.Module) -> set[int]:
+    """ids of the tensors diffusers' group offload hooks move for `component`."""
+    found: set[int] = set()
+    for module in component.modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        hook = registry.get_hook("group_offloading") if registry is not None else None
+        if hook is not None:
+            found |= {id(tensor) for sub in hook.group.modules for tensor in sub.parameters()}
+            found |= {id(tensor) for tensor in hook.group.parameters}
+    return found
+
+
+def _assert_networks_follow(renderer, mode: str) -> None:
+    networks = renderer.adapter.lycoris.networks
+    assert networks and _has_hooks(renderer.pipe)  # still offloaded
+    for name, network in networks.items():
+        if mode == "group":  # in its component's groups: onloaded with it
+            assert _group_tensors(getattr(renderer.pipe, name)) >= {id(p) for p in network.parameters()}
+        else:  # unhooked on the execution device, never accelerate's meta placeholders
+            assert not any(hasattr(module, "_hf_hook") for module in network.modules())
+            assert {p.device.type for p in network.parameters()} == {"cpu"}
+
+
+@pytest.mark.parametrize("mode", ["group", "sequential"])
+def test_a_lycoris_network_is_offloaded_with_its_component(mode, tiny_models, tmp_path):
+    """A LyCORIS network (hung on its component as `sidecar_lycoris`) goes where its layers' weights
+    go, whether it is applied under offload or the pipeline is offloaded again with it on (unpark,
+    an OOM step); `park` brings it back whole, and taking it off leaves the layers as they were.
+    Onload device `cpu` stands in for CUDA; under sequential offload the pipeline renders only
+    after `park` (accelerate cannot execute on the `cpu:0` diffusers asks for)."""
+    from diffusers_reference import render_one, sample
+
+    from sidecar.render.registry import renderer_class
+    from sidecar.testing.trainer_loras import write_trainer_lora
+
+    folder = tiny_models["sdxl"]
+    lora = write_trainer_lora(folder, "sdxl", tmp_path / "loha.safetensors", "lycoris_loha").path
+    plain = renderer_class("sdxl").from_model(folder)
+    base_image = render_one(plain, sample("sdxl"))
+    plain.apply_lora(lora)
+    expected = render_one(plain, sample("sdxl"))
+    assert not np.array_equal(expected, base_image)
+
+    renderer = renderer_class("sdxl").from_model(folder)
+    memory._place(renderer.pipe, mode, torch.device("cpu"))
+    renderer.placement = memory.Placement(device=torch.device("cpu"), policy=MemoryPolicy(mode))
+    renderer.apply_lora(lora)
+    _assert_networks_follow(renderer, mode)
+    if mode == "group":
+        np.testing.assert_array_equal(render_one(renderer, sample("sdxl")), expected)
+    park(renderer.pipe)
+    assert not _has_hooks(renderer.pipe) and _devices_of(renderer.pipe) == {"cpu"}
+    np.testing.assert_array_equal(render_one(renderer, sample("sdxl")), expected)  # outlived the hooks
+
+    memory._place(renderer.pipe, mode, torch.device("cpu"))  # offloaded again with the network on
+    _assert_networks_follow(renderer, mode)
+    renderer.remove_lora()
+    assert _has_hooks(renderer.pipe) and not renderer.adapter.lycoris.networks
+    park(renderer.pipe)
+    np.testing.assert_array_equal(render_one(renderer, sample("sdxl")), base_image)

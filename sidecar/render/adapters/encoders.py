@@ -13,6 +13,8 @@ from diffusers import DiffusionPipeline
 from diffusers.utils.peft_utils import delete_adapter_layers
 from peft.tuners.tuners_utils import BaseTunerLayer
 
+from sidecar.render.offload import NETWORK_ATTRIBUTE
+
 # Text encoders whose LoRA scale the pipelines' `encode_prompt` sets (SDXL, SD 3.5 and Flux in
 # diffusers 0.42); SD 3.5's T5 (`text_encoder_3`) is not among them.
 PIPELINE_SCALED_ENCODERS = ("text_encoder", "text_encoder_2")
@@ -80,7 +82,7 @@ def layer_widths(component: torch.nn.Module) -> dict[str, int]:
     """`{layer: out features}` of a component's linear and conv layers, seen through adapter wrappers."""
     widths: dict[str, int] = {}
     for name, module in component.named_modules():
-        if ".base_layer" in f".{name}." or ".lora_" in f".{name}" or "sidecar_lycoris" in name:
+        if ".base_layer" in f".{name}." or ".lora_" in f".{name}" or NETWORK_ATTRIBUTE in name:
             continue
         base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
         if isinstance(base, torch.nn.Linear):

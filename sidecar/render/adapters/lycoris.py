@@ -15,13 +15,16 @@ transformer models and the text encoders by their flat layer paths.
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Callable
 
 import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils import convert_unet_state_dict_to_peft
 
 from sidecar.render.adapters.conversion import Layers, flat_names, refuse_unconverted, resolve_flat
+from sidecar.render.offload import NETWORK_ATTRIBUTE
 
 LYCORIS_PREFIX = "lycoris_"  # LyCORIS' own module-name prefix (LycorisNetwork.LORA_PREFIX)
 KOHYA_TEXT_PREFIXES = {
@@ -30,7 +33,6 @@ KOHYA_TEXT_PREFIXES = {
     "lora_te3_": "text_encoder_3",
 }
 KOHYA_TEXT_PREFIXES_FLUX = {"lora_te1_": "text_encoder", "lora_te3_": "text_encoder_2"}
-NETWORK_ATTRIBUTE = "sidecar_lycoris"  # where the network hangs on its component: it follows `.to()`
 
 
 def lycoris_names(
@@ -106,11 +108,20 @@ def _sgm_names(module_keys: list[str], pipe: DiffusionPipeline) -> dict[str, tup
     return names
 
 
-class LycorisSlot:
-    """The LyCORIS networks applied to a pipeline's components (at most one per component)."""
+Lift = Callable[[], contextlib.AbstractContextManager[None]]
 
-    def __init__(self, pipe: DiffusionPipeline) -> None:
+
+class LycorisSlot:
+    """The LyCORIS networks applied to a pipeline's components (at most one per component).
+
+    Each network hangs on its component (`NETWORK_ATTRIBUTE`), so it moves with it. Networks go on
+    and off inside `lifted()`: the renderer's placement takes group and sequential offload's hooks
+    off meanwhile (`memory.Placement.lifted`), and offloads the pipeline again, networks included.
+    """
+
+    def __init__(self, pipe: DiffusionPipeline, *, lifted: Lift = contextlib.nullcontext) -> None:
         self.pipe = pipe
+        self.lifted = lifted
         self.networks: dict[str, torch.nn.Module] = {}
         self._alphas: dict[str, dict[str, torch.Tensor]] = {}
 
@@ -124,16 +135,17 @@ class LycorisSlot:
         """Build and apply one network per component; `{component: layers wrapped}`."""
         from lycoris import create_lycoris_from_weights
 
-        self.remove()
-        for component, tensors in weights.items():
-            module = getattr(self.pipe, component)
-            parameter = next(module.parameters())
-            network, _ = create_lycoris_from_weights(multiplier, None, module, weights_sd=dict(tensors))
-            network.apply_to()
-            network.to(device=parameter.device, dtype=parameter.dtype)
-            module.add_module(NETWORK_ATTRIBUTE, network)
-            self.networks[component] = network
-            self._alphas[component] = _alphas(tensors)
+        with self.lifted():
+            self.remove()
+            for component, tensors in weights.items():
+                module = getattr(self.pipe, component)
+                parameter = next(module.parameters())  # real: no offload hook holds it aside
+                network, _ = create_lycoris_from_weights(multiplier, None, module, weights_sd=dict(tensors))
+                network.apply_to()
+                network.to(device=parameter.device, dtype=parameter.dtype)
+                module.add_module(NETWORK_ATTRIBUTE, network)
+                self.networks[component] = network
+                self._alphas[component] = _alphas(tensors)
         return {component: len(network.loras) for component, network in self.networks.items()}
 
     def copy_in_place(self, weights: dict[str, dict[str, torch.Tensor]]) -> bool:
@@ -161,11 +173,13 @@ class LycorisSlot:
             network.set_multiplier(multiplier)
 
     def remove(self) -> None:
-        for component, network in self.networks.items():
-            network.restore()
-            module = getattr(self.pipe, component)
-            if NETWORK_ATTRIBUTE in module._modules:
-                del module._modules[NETWORK_ATTRIBUTE]
+        if self.networks:
+            with self.lifted():
+                for component, network in self.networks.items():
+                    network.restore()
+                    module = getattr(self.pipe, component)
+                    if NETWORK_ATTRIBUTE in module._modules:
+                        del module._modules[NETWORK_ATTRIBUTE]
         self.networks = {}
         self._alphas = {}
 

@@ -18,6 +18,7 @@ layers that really carry the adapter are counted against the modules in the file
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -45,7 +46,7 @@ from sidecar.render.adapters.lora_files import (
     expected_modules,
     inspect_lora,
 )
-from sidecar.render.adapters.lycoris import LycorisSlot, file_modules, lycoris_names
+from sidecar.render.adapters.lycoris import Lift, LycorisSlot, file_modules, lycoris_names
 from sidecar.render.adapters.routes import Route, convert_kohya_flux, route_for
 
 logger = logging.getLogger("sidecar.render")
@@ -64,7 +65,14 @@ def first_line(error: BaseException, *, limit: int = 300) -> str:
 class AdapterSlot:
     """The pipeline's one LoRA slot: what is loaded, and how to swap the next file in."""
 
-    def __init__(self, pipe: DiffusionPipeline, *, pipeline_class: type[DiffusionPipeline], spec: ArchSpec):
+    def __init__(
+        self,
+        pipe: DiffusionPipeline,
+        *,
+        pipeline_class: type[DiffusionPipeline],
+        spec: ArchSpec,
+        lifted: Lift = contextlib.nullcontext,
+    ):
         self.pipe = pipe
         self.pipeline_class = pipeline_class
         self.spec = spec
@@ -75,7 +83,7 @@ class AdapterSlot:
         self._route: Route | None = None
         self._shapes: dict[str, tuple[int, ...]] = {}  # of the loaded file's converted tensors
         self._layers: Layers | None = None
-        self.lycoris = LycorisSlot(pipe)
+        self.lycoris = LycorisSlot(pipe, lifted=lifted)  # offload hooks off while networks change
         self._extra: dict[str, torch.nn.Module] = {}  # text encoders loaded outside diffusers' loader
 
     def apply(self, path: str | Path, *, in_place_allowed: bool = True) -> LoraReport:
@@ -149,14 +157,15 @@ class AdapterSlot:
             and self.lycoris.copy_in_place(weights)
         ):
             return self._loaded(lora, expected, self._injected, hotswapped=True)
-        self.remove()
-        self._unwrap_peft_layers()
-        injected = self.lycoris.apply(weights)
-        try:
-            check_applied(lora, expected, injected, arch=self.spec.name)
-        except LoraError:
+        with self.lycoris.lifted():  # one re-offload for the old network's removal and the new one
             self.remove()
-            raise
+            self._unwrap_peft_layers()
+            injected = self.lycoris.apply(weights)
+            try:
+                check_applied(lora, expected, injected, arch=self.spec.name)
+            except LoraError:
+                self.remove()
+                raise
         self._injected = injected
         return self._loaded(lora, expected, injected, hotswapped=False)
 
