@@ -15,6 +15,7 @@ from pathlib import Path
 
 from sidecar.cli_parser import build_parser
 from sidecar.errors import SidecarError
+from sidecar.render.notices import quiet_import_notices  # torch-free: logging filters only
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -63,8 +64,7 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     warnings.filterwarnings("ignore", message=".*torchvision.*")
-    for name in ("torchao", "torch.utils._pytree"):  # torchao on a CPU build: notices of its CUDA kernels
-        logging.getLogger(name).setLevel(logging.ERROR)
+    quiet_import_notices()  # torchao's kernels for other GPUs, and what it logs with them
 
 
 def main(argv: list[str] | None = None) -> int:

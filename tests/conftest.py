@@ -144,3 +144,14 @@ def tiny_arch_lora(tmp_path_factory, tiny_arch_model) -> Callable[..., Path]:
 
 
 # --- end of the newer-architecture block -------------------------------------------
+
+
+# ---------------------------------------------------------------------------------
+# Quiet imports (owned by tests/render/test_notices.py): what torchao logs when transformers
+# imports it (kernels for GPUs this machine lacks) is dropped, as the CLI does; every other
+# warning still shows. At import, not in a hook: the stage conftests below import diffusers
+# before pytest configures the session.
+# ---------------------------------------------------------------------------------
+from sidecar.render.notices import quiet_import_notices  # noqa: E402 (the block's own import)
+
+quiet_import_notices()
