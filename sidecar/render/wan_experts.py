@@ -31,13 +31,18 @@ from pathlib import Path
 import torch
 from diffusers import DiffusionPipeline
 from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
-from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file
 
 from sidecar.arch import ArchSpec
 from sidecar.errors import LoraError
 from sidecar.render.adapters.lora_files import LoraFile, LoraReport, check_applied, inspect_lora
-from sidecar.render.adapters.swap import ADAPTER_NAME, CONVERSION_ERRORS, first_line
+from sidecar.render.adapters.swap import (
+    ADAPTER_NAME,
+    CONVERSION_ERRORS,
+    adapter_names,
+    first_line,
+    injected_layers,
+)
 
 logger = logging.getLogger("sidecar.render")
 
@@ -138,7 +143,7 @@ class ExpertSlot:
         expected = {
             expert: sum(key.endswith(".lora_A.weight") for key in sd) for expert, sd in converted.items()
         }
-        injected = self._injected_layers()
+        injected = injected_layers({expert: getattr(self.pipe, expert, None) for expert in EXPERTS})
         try:
             check_applied(lora, expected, injected, arch=self.spec.name)
         except LoraError:
@@ -194,28 +199,12 @@ class ExpertSlot:
                 parameter.copy_(tensor)
         return True
 
-    def _injected_layers(self) -> dict[str, int]:
-        injected: dict[str, int] = {}
-        for expert in EXPERTS:
-            model = getattr(self.pipe, expert, None)
-            if model is None:
-                continue
-            count = sum(
-                1
-                for module in model.modules()
-                if isinstance(module, BaseTunerLayer) and ADAPTER_NAME in getattr(module, "lora_A", {})
-            )
-            if count:
-                injected[expert] = count
-        return injected
-
     def set_strength(self, strength: float) -> None:
         """Both experts take the strength from the call's `attention_kwargs`."""
 
     def remove(self) -> None:
         """Unload the LoRA from both experts: the pipeline renders the base model again."""
-        adapters = {name for names in self.pipe.get_list_adapters().values() for name in names}
-        if ADAPTER_NAME in adapters:
+        if ADAPTER_NAME in adapter_names(self.pipe):
             self.pipe.delete_adapters(ADAPTER_NAME)
         self._loaded = {}
         self.lora = None

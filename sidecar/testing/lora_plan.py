@@ -54,6 +54,22 @@ def module_shapes(model_folder: str | Path, component: str) -> dict[str, tuple[i
     return shapes
 
 
+def linear_shapes(model_folder: str | Path, component: str) -> dict[str, tuple[int, int]]:
+    """`{layer name: (out_features, in_features)}` of a saved component's 2-D weights (header only)."""
+    shapes = module_shapes(model_folder, component)
+    return {name: (shape[0], shape[1]) for name, shape in shapes.items() if len(shape) == 2}
+
+
+def random_factors(
+    shape: tuple[int, int], *, rank: int, generator: torch.Generator, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(down [rank, in], up [out, rank]) for a Linear of `shape`: down at 1/sqrt(in), up at `scale`."""
+    out_features, in_features = shape
+    down = torch.randn(rank, in_features, generator=generator) / in_features**0.5
+    up = torch.randn(out_features, rank, generator=generator) * scale
+    return down, up
+
+
 def fused_shape(shapes: dict[str, tuple[int, ...]], modules: list[str]) -> tuple[int, ...]:
     """The weight shape of `modules` stacked along their rows (a fused qkv, linear1...)."""
     first = shapes[modules[0]]

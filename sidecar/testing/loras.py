@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from sidecar.arch import Arch
 from sidecar.testing import lora_layouts as layouts
 from sidecar.testing.lora_layouts import sd3_original_layout
-from sidecar.testing.lora_plan import fused_shape, module_shapes
+from sidecar.testing.lora_plan import fused_shape, linear_shapes, module_shapes, random_factors
 
 LoraFormat = Literal["peft", "kohya", "kohya_sgm", "unprefixed"]
 
@@ -53,23 +53,6 @@ LORA_TARGETS: dict[str, dict[str, str]] = {
 }
 
 
-def linear_shapes(model_folder: str | Path, component: str) -> dict[str, tuple[int, int]]:
-    """`{module name: (out_features, in_features)}` of a saved component's 2-D weights.
-
-    Read from the safetensors headers only: no model is instantiated.
-    """
-    shapes: dict[str, tuple[int, int]] = {}
-    for path in sorted((Path(model_folder) / component).glob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as handle:
-            for key in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
-                if not key.endswith(".weight"):
-                    continue
-                shape = handle.get_slice(key).get_shape()
-                if len(shape) == 2:
-                    shapes[key.removesuffix(".weight")] = (shape[0], shape[1])
-    return shapes
-
-
 def lora_pairs(
     model_folder: str | Path,
     arch: Arch,
@@ -90,11 +73,9 @@ def lora_pairs(
     for component in components or targets:
         pattern = re.compile(targets[component])
         modules = {}
-        for name, (out_features, in_features) in sorted(linear_shapes(model_folder, component).items()):
+        for name, shape in sorted(linear_shapes(model_folder, component).items()):
             if pattern.search(name):
-                down = torch.randn(rank, in_features, generator=generator) / in_features**0.5
-                up = torch.randn(out_features, rank, generator=generator) * scale
-                modules[name] = (down, up)
+                modules[name] = random_factors(shape, rank=rank, generator=generator, scale=scale)
         pairs[component] = modules
     return pairs
 
@@ -247,11 +228,10 @@ def _kohya_tensors(shapes, *, rank: int, alpha: float, seed: int, scale: float) 
     """Random `lora_unet_<name>` modules for `{flat name: (out, in)}`."""
     generator = torch.Generator().manual_seed(seed)
     tensors = {}
-    for name, (out_features, in_features) in shapes.items():
+    for name, shape in shapes.items():
         key = f"lora_unet_{name}"
-        tensors[f"{key}.lora_down.weight"] = (
-            torch.randn(rank, in_features, generator=generator) / in_features**0.5
-        )
-        tensors[f"{key}.lora_up.weight"] = torch.randn(out_features, rank, generator=generator) * scale
+        down, up = random_factors(shape, rank=rank, generator=generator, scale=scale)
+        tensors[f"{key}.lora_down.weight"] = down
+        tensors[f"{key}.lora_up.weight"] = up
         tensors[f"{key}.alpha"] = torch.tensor(alpha)
     return tensors

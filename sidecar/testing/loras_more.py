@@ -26,7 +26,7 @@ from typing import Literal
 import torch
 from safetensors.torch import save_file
 
-from sidecar.weights import read_header
+from sidecar.testing.lora_plan import linear_shapes, random_factors
 
 MoreLoraFormat = Literal["peft", "aitoolkit", "kohya"]
 MORE_LORA_FORMATS: dict[str, tuple[str, ...]] = {
@@ -49,27 +49,16 @@ BFL_ARCHS = ("chroma", "flux_kontext", "flux2", "flux2_klein")
 UNET_ARCHS = ("sd15",)
 
 
-def module_shapes(model_folder: str | Path, component: str) -> dict[str, tuple[int, int]]:
-    """`{module: (out, in)}` of a component's Linear layers, from its safetensors header."""
-    folder = Path(model_folder) / component
-    shapes = {}
-    for path in sorted(folder.glob("*.safetensors")):
-        for name, info in read_header(path).tensors.items():
-            if name.endswith(".weight") and len(info.shape) == 2:
-                shapes[name.removesuffix(".weight")] = (info.shape[0], info.shape[1])
-    return shapes
-
-
 def _diffusers_targets(model_folder: Path, arch: str) -> dict[str, tuple[int, int]]:
     component = "unet" if arch in UNET_ARCHS else "transformer"
-    shapes = module_shapes(model_folder, component)
+    shapes = linear_shapes(model_folder, component)
     return {name: shape for name, shape in shapes.items() if ATTENTION.search(name)}
 
 
 def _bfl_targets(model_folder: Path, arch: str) -> dict[str, tuple[int, int]]:
     """BFL's module names with their shapes: the image attention's fused `qkv` and `proj` of each
     double block, and each single block's `linear2`."""
-    shapes = module_shapes(model_folder, "transformer")
+    shapes = linear_shapes(model_folder, "transformer")
     targets = {}
     for name, (out_features, in_features) in shapes.items():
         match = re.fullmatch(r"transformer_blocks\.(\d+)\.attn\.(to_q|to_out\.0)", name)
@@ -86,21 +75,12 @@ def _bfl_targets(model_folder: Path, arch: str) -> dict[str, tuple[int, int]]:
 def _text_encoder_targets(model_folder: Path) -> dict[str, tuple[int, int]]:
     """CLIP's attention, named as in transformers' `CLIPTextModel` (`text_model.encoder.…`), which
     kohya's `lora_te_text_model_…` keys follow (newer transformers save the names without it)."""
-    shapes = module_shapes(model_folder, "text_encoder")
+    shapes = linear_shapes(model_folder, "text_encoder")
     return {
         name if name.startswith("text_model.") else f"text_model.{name}": shape
         for name, shape in shapes.items()
         if re.search(r"self_attn\.(q_proj|k_proj|v_proj|out_proj)$", name)
     }
-
-
-def _factors(
-    shape: tuple[int, int], *, rank: int, generator: torch.Generator, scale: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    out_features, in_features = shape
-    down = torch.randn(rank, in_features, generator=generator) / in_features**0.5
-    up = torch.randn(out_features, rank, generator=generator) * scale
-    return down, up
 
 
 def write_more_lora(
@@ -128,14 +108,15 @@ def write_more_lora(
     bfl = arch in BFL_ARCHS and lora_format in ("aitoolkit", "kohya")
     targets = _bfl_targets(model_folder, arch) if bfl else _diffusers_targets(model_folder, arch)
     modules = {
-        name: _factors(shape, rank=rank, generator=generator, scale=scale) for name, shape in targets.items()
+        name: random_factors(shape, rank=rank, generator=generator, scale=scale)
+        for name, shape in targets.items()
     }
     if text_encoder and (arch, lora_format) != ("sd15", "kohya"):
         raise ValueError(f"`text_encoder` is written for SD 1.5 kohya files only, got {arch} {lora_format}")
     encoder = {}
     if text_encoder:
         encoder = {
-            name: _factors(shape, rank=rank, generator=generator, scale=scale)
+            name: random_factors(shape, rank=rank, generator=generator, scale=scale)
             for name, shape in _text_encoder_targets(model_folder).items()
         }
     tensors: dict[str, torch.Tensor] = {}

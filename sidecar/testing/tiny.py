@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import string
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -28,6 +28,9 @@ CLIP_MAX_LENGTH = 77  # CLIP position embeddings; longer tokenizers break the te
 T5_MAX_LENGTH = 256
 TEXT_WIDTH = 32  # hidden size of the tiny CLIP encoders
 T5_WIDTH = 64  # d_model of the tiny T5; >= the two CLIP widths summed (SD 3.5 pads CLIP to it)
+# The published VAEs' latent scaling (their `config.json`), which the tiny VAEs carry too.
+SD3_VAE = {"latent_channels": 16, "scaling_factor": 1.5305, "shift_factor": 0.0609}
+FLUX_VAE = {"latent_channels": 16, "scaling_factor": 0.3611, "shift_factor": 0.1159}  # Chroma's, Z-Image's
 
 
 # ---------------------------------------------------------------------------------
@@ -80,24 +83,44 @@ def _clip_config(tokenizer, *, layers: int, projection_dim: int = TEXT_WIDTH):
     )
 
 
+def t5_options(tokenizer, *, width: int, feed_forward: int, layers: int) -> dict[str, Any]:
+    """`T5Config` / `UMT5Config` arguments of a small gated-GELU encoder: 4 heads of 8, no dropout
+    (models built from configs start in train mode), the tokenizer's special ids."""
+    return {
+        "vocab_size": len(tokenizer),
+        "d_model": width,
+        "d_kv": 8,
+        "d_ff": feed_forward,
+        "num_layers": layers,
+        "num_heads": 4,
+        "relative_attention_num_buckets": 8,
+        "dropout_rate": 0.0,
+        "feed_forward_proj": "gated-gelu",
+        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "decoder_start_token_id": tokenizer.pad_token_id,
+    }
+
+
 def _t5_encoder(tokenizer, *, layers: int):
     from transformers import T5Config, T5EncoderModel
 
-    config = T5Config(
-        vocab_size=len(tokenizer),
-        d_model=T5_WIDTH,
-        d_kv=8,
-        d_ff=37,
-        num_layers=layers,
-        num_heads=4,
-        relative_attention_num_buckets=8,
-        dropout_rate=0.0,  # models built from configs start in train mode; no dropout either way
-        feed_forward_proj="gated-gelu",
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        decoder_start_token_id=tokenizer.pad_token_id,
-    )
-    return T5EncoderModel(config)
+    return T5EncoderModel(T5Config(**t5_options(tokenizer, width=T5_WIDTH, feed_forward=37, layers=layers)))
+
+
+def flux_blocks(*, deep: bool) -> dict[str, Any]:
+    """The tiny Flux.1-shaped transformer's arguments (Chroma's too): 1 double and 1 single block
+    (Flux.1's 19 and 38 when deep), 2 heads of 16, 16-channel latents packed 2x2."""
+    return {
+        "patch_size": 1,
+        "in_channels": 4 * FLUX_VAE["latent_channels"],  # latents are packed 2x2
+        "num_layers": 19 if deep else 1,
+        "num_single_layers": 38 if deep else 1,
+        "attention_head_dim": 16,
+        "num_attention_heads": 2,
+        "joint_attention_dim": T5_WIDTH,
+        "axes_dims_rope": (4, 6, 6),  # sums to attention_head_dim
+    }
 
 
 def _vae(*, latent_channels: int, scaling_factor: float, shift_factor: float | None):
@@ -230,7 +253,7 @@ def build_sd3(size: Size = "shallow", *, seed: int = 0):
         qk_norm="rms_norm",
         dual_attention_layers=tuple(range(13)) if deep else (0,),
     )
-    vae = _vae(latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609)
+    vae = _vae(**SD3_VAE)
     scheduler = FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER_CONFIG)
     return StableDiffusion3Pipeline(
         transformer=transformer,
@@ -256,20 +279,10 @@ def build_flux(size: Size = "shallow", *, seed: int = 0):
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(_clip_config(clip_tokenizer, layers=12 if deep else 2))
     text_encoder_2 = _t5_encoder(t5_tokenizer, layers=24 if deep else 2)
-    latent_channels = 16
     transformer = FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=4 * latent_channels,  # latents are packed 2x2
-        num_layers=19 if deep else 1,
-        num_single_layers=38 if deep else 1,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=T5_WIDTH,
-        pooled_projection_dim=TEXT_WIDTH,
-        guidance_embeds=True,
-        axes_dims_rope=(4, 6, 6),  # sums to attention_head_dim
+        **flux_blocks(deep=deep), pooled_projection_dim=TEXT_WIDTH, guidance_embeds=True
     )
-    vae = _vae(latent_channels=latent_channels, scaling_factor=0.3611, shift_factor=0.1159)
+    vae = _vae(**FLUX_VAE)
     scheduler = FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER_CONFIG)
     return FluxPipeline(
         transformer=transformer,

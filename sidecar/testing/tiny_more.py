@@ -15,13 +15,14 @@ import torch
 
 from sidecar.testing.tiny import (
     FLUX_SCHEDULER_CONFIG,
+    FLUX_VAE,
     SDXL_SCHEDULER_CONFIG,
-    T5_WIDTH,
     TEXT_WIDTH,
     _clip_config,
     _t5_encoder,
     _vae,
     build_flux,
+    flux_blocks,
     make_clip_tokenizer,
     make_t5_tokenizer,
 )
@@ -99,21 +100,13 @@ def build_chroma(size: str = "shallow", *, seed: int = 0):
     tokenizer = make_t5_tokenizer()
     torch.manual_seed(seed)
     text_encoder = _t5_encoder(tokenizer, layers=24 if deep else 2)
-    latent_channels = 16
     transformer = ChromaTransformer2DModel(
-        patch_size=1,
-        in_channels=4 * latent_channels,  # latents are packed 2x2
-        num_layers=19 if deep else 1,
-        num_single_layers=38 if deep else 1,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=T5_WIDTH,
-        axes_dims_rope=(4, 6, 6),
+        **flux_blocks(deep=deep),
         approximator_num_channels=16,
         approximator_hidden_dim=32,
         approximator_layers=1,
     )
-    vae = _vae(latent_channels=latent_channels, scaling_factor=0.3611, shift_factor=0.1159)
+    vae = _vae(**FLUX_VAE)
     return ChromaPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER_CONFIG),
         vae=vae,
@@ -351,11 +344,10 @@ def build_zimage(size: str = "shallow", *, seed: int = 0):
     tokenizer = make_qwen_tokenizer()
     torch.manual_seed(seed)
     text_encoder = _qwen3(tokenizer, layers=2, causal_lm=False)
-    latent_channels = 16
     transformer = ZImageTransformer2DModel(
         all_patch_size=(2,),
         all_f_patch_size=(1,),
-        in_channels=latent_channels,
+        in_channels=FLUX_VAE["latent_channels"],
         dim=32,
         n_layers=30 if size == "deep" else 2,
         n_refiner_layers=1,
@@ -372,7 +364,7 @@ def build_zimage(size: str = "shallow", *, seed: int = 0):
     with torch.no_grad():  # created with torch.empty: fixed, so every build gives the same model
         transformer.x_pad_token.fill_(1.0)
         transformer.cap_pad_token.fill_(1.0)
-    vae = _vae(latent_channels=latent_channels, scaling_factor=0.3611, shift_factor=0.1159)
+    vae = _vae(**FLUX_VAE)
     return ZImagePipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(**ZIMAGE_SCHEDULER_CONFIG),
         vae=vae,

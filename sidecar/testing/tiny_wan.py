@@ -16,7 +16,7 @@ from typing import Literal
 
 import torch
 
-from sidecar.testing.tiny import make_t5_tokenizer, save_pipeline
+from sidecar.testing.tiny import make_t5_tokenizer, save_pipeline, t5_options
 
 Version = Literal["2.1", "2.2"]
 
@@ -51,21 +51,7 @@ def make_umt5_tokenizer():
 def _umt5_encoder(tokenizer):
     from transformers import UMT5Config, UMT5EncoderModel
 
-    config = UMT5Config(
-        vocab_size=len(tokenizer),
-        d_model=UMT5_WIDTH,
-        d_kv=8,
-        d_ff=37,
-        num_layers=2,
-        num_heads=4,
-        relative_attention_num_buckets=8,
-        dropout_rate=0.0,
-        feed_forward_proj="gated-gelu",
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        decoder_start_token_id=tokenizer.pad_token_id,
-    )
-    return UMT5EncoderModel(config)
+    return UMT5EncoderModel(UMT5Config(**t5_options(tokenizer, width=UMT5_WIDTH, feed_forward=37, layers=2)))
 
 
 def _transformer(*, image_to_video: bool, with_image_encoder: bool):

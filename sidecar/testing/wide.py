@@ -22,11 +22,14 @@ import torch
 
 from sidecar.testing.tiny import (
     FLUX_SCHEDULER_CONFIG,
+    FLUX_VAE,
     SD3_SCHEDULER_CONFIG,
+    SD3_VAE,
     SDXL_SCHEDULER_CONFIG,
     _vae,
     make_clip_tokenizer,
     make_t5_tokenizer,
+    t5_options,
 )
 
 Sd3Variant = Literal["medium", "large"]
@@ -111,21 +114,8 @@ def _t5(tokenizer):
     """A two-layer T5 encoder with T5-XXL's output width and narrow attention and MLP."""
     from transformers import T5Config, T5EncoderModel
 
-    config = T5Config(
-        vocab_size=len(tokenizer),
-        d_model=T5_XXL_WIDTH,
-        d_kv=8,
-        d_ff=NARROW_FF,
-        num_layers=TEXT_LAYERS,
-        num_heads=4,
-        relative_attention_num_buckets=8,
-        dropout_rate=0.0,
-        feed_forward_proj="gated-gelu",
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        decoder_start_token_id=tokenizer.pad_token_id,
-    )
-    return T5EncoderModel(config)
+    options = t5_options(tokenizer, width=T5_XXL_WIDTH, feed_forward=NARROW_FF, layers=TEXT_LAYERS)
+    return T5EncoderModel(T5Config(**options))
 
 
 def build_sdxl_wide(*, seed: int = 0):
@@ -170,7 +160,7 @@ def build_sd3_wide(variant: Sd3Variant = "medium", *, seed: int = 0):
     return StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER_CONFIG),
-        vae=_vae(latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609),
+        vae=_vae(**SD3_VAE),
         text_encoder=_clip(clip_tokenizer, width=CLIP_L_WIDTH, projection=True),
         tokenizer=clip_tokenizer,
         text_encoder_2=_clip(clip_tokenizer, width=CLIP_G_WIDTH, projection=True),
@@ -190,7 +180,7 @@ def build_flux_wide(*, seed: int = 0):
     return FluxPipeline(
         transformer=FluxTransformer2DModel(**FLUX_WIDE),
         scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER_CONFIG),
-        vae=_vae(latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159),
+        vae=_vae(**FLUX_VAE),
         text_encoder=_clip(clip_tokenizer, width=CLIP_L_WIDTH, projection=False),
         tokenizer=clip_tokenizer,
         text_encoder_2=_t5(t5_tokenizer),

@@ -16,8 +16,8 @@ import textwrap
 import time
 from pathlib import Path
 
-from sidecar.publish.files import remove_stale_temp_files
 from sidecar.publish.catalog import find_samples
+from sidecar.publish.files import remove_stale_temp_files
 from sidecar.publish.video import frame_count
 
 WAIT_SECONDS = 60.0  # for the child to reach the middle of its MP4

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -60,6 +61,27 @@ def first_line(error: BaseException, *, limit: int = 300) -> str:
     lines = str(error).strip().splitlines()
     text = lines[0] if lines else type(error).__name__
     return text if len(text) <= limit else text[:limit] + "..."
+
+
+def adapter_names(pipe: DiffusionPipeline) -> set[str]:
+    """The PEFT adapters loaded anywhere in the pipeline."""
+    return {name for names in pipe.get_list_adapters().values() for name in names}
+
+
+def injected_layers(modules: Mapping[str, object]) -> dict[str, int]:
+    """Layers per module (of those that are `torch.nn.Module`s) that really carry the sidecar adapter."""
+    injected: dict[str, int] = {}
+    for name, component in modules.items():
+        if not isinstance(component, torch.nn.Module):
+            continue
+        count = sum(
+            1
+            for module in component.modules()
+            if isinstance(module, BaseTunerLayer) and ADAPTER_NAME in getattr(module, "lora_A", {})
+        )
+        if count:
+            injected[name] = count
+    return injected
 
 
 class AdapterSlot:
@@ -125,7 +147,7 @@ class AdapterSlot:
             except (RuntimeError, ValueError, KeyError) as error:
                 self.remove()
                 raise LoraError(self._load_error_message(lora, error)) from error
-        injected = self._injected_layers()
+        injected = injected_layers(self.pipe.components)
         try:
             check_applied(lora, expected, injected, arch=self.spec.name)
         except LoraError:
@@ -189,7 +211,7 @@ class AdapterSlot:
 
     def remove(self) -> None:
         """Unload the LoRA: the pipeline renders the base model again."""
-        if ADAPTER_NAME in self._adapter_names():
+        if ADAPTER_NAME in adapter_names(self.pipe):
             self.pipe.delete_adapters(ADAPTER_NAME)
         for encoder in self._extra.values():
             remove_encoder_lora(encoder, ADAPTER_NAME)
@@ -284,15 +306,12 @@ class AdapterSlot:
                 weights[name] = found
         return weights
 
-    def _adapter_names(self) -> set[str]:
-        return {name for names in self.pipe.get_list_adapters().values() for name in names}
-
     def _can_hotswap(self, lora: LoraFile) -> bool:
         """Same format, module count and text-encoder use as the loaded LoRA: same layout."""
         loaded = self.lora
         return (
             loaded is not None
-            and ADAPTER_NAME in self._adapter_names()
+            and ADAPTER_NAME in adapter_names(self.pipe)
             and (loaded.format, loaded.module_count, loaded.has_text_encoder)
             == (lora.format, lora.module_count, lora.has_text_encoder)
         )
@@ -338,21 +357,6 @@ class AdapterSlot:
             lora.metadata.get(LORA_ADAPTER_METADATA_KEY),
         )
         return state_dict, alphas, str(lora.path)
-
-    def _injected_layers(self) -> dict[str, int]:
-        """Layers per component that really carry the sidecar adapter."""
-        injected: dict[str, int] = {}
-        for name, component in self.pipe.components.items():
-            if not isinstance(component, torch.nn.Module):
-                continue
-            count = sum(
-                1
-                for module in component.modules()
-                if isinstance(module, BaseTunerLayer) and ADAPTER_NAME in getattr(module, "lora_A", {})
-            )
-            if count:
-                injected[name] = count
-        return injected
 
     def _arch_hint(self, lora: LoraFile) -> str:
         """`(a Flux.1 LoRA)` when the key names tell another architecture, else nothing."""
