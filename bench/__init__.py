@@ -23,3 +23,8 @@ cancels out; each is the median of its repeats, with the spread (min, max) besid
 - opt-in (`--only NAME`): `compile`, the compile time and per-image speed-up of `--compile`
   (`compile_speed.py`); `pool`, images/s of Ray workers (`pool.py`).
 """
+
+from sidecar.render.notices import quiet_import_notices
+
+# Before any benchmark module imports diffusers: torchao's notices at import say nothing here.
+quiet_import_notices()
