@@ -15,6 +15,7 @@ import json
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from sidecar.errors import CheckpointError
 
@@ -22,6 +23,12 @@ SAFETENSORS_SUFFIX = ".safetensors"
 PICKLE_SUFFIXES = frozenset({".ckpt", ".pt", ".pth", ".bin", ".pkl"})
 HEADER_LENGTH_BYTES = 8  # little-endian u64 in front of the JSON header
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # a larger declared header is corrupt, never allocated
+
+# ai-toolkit's Wan 2.2 A14B LoRA, by default: one file per expert, `{stem}_high_noise.safetensors`
+# then `{stem}_low_noise.safetensors` (`wan22_14b_model.py`, `save_lora`); intake pairs them, render
+# puts each into its expert.
+SplitPart = Literal["high_noise", "low_noise"]
+SPLIT_PARTS: tuple[SplitPart, SplitPart] = ("high_noise", "low_noise")  # high first, as written
 
 
 def is_pickle(path: Path) -> bool:
@@ -36,6 +43,28 @@ def pickle_message(path: Path) -> str:
         "(unpickling can run arbitrary code); save as .safetensors (kohya: "
         "`--save_model_as safetensors`; diffusers scripts: `safe_serialization=True`)"
     )
+
+
+def split_part(path: Path) -> tuple[str, SplitPart] | None:
+    """(stem without the suffix, part) of one file of a split Wan 2.2 pair; None for any other file."""
+    path = Path(path)
+    if path.suffix.lower() != SAFETENSORS_SUFFIX:
+        return None
+    for part in SPLIT_PARTS:
+        base = path.stem.removesuffix(f"_{part}")
+        if base != path.stem and base:
+            return base, part
+    return None
+
+
+def split_sibling(path: Path) -> Path | None:
+    """The other file of the split pair `path` belongs to (there or not); None for any other file."""
+    found = split_part(path)
+    if found is None:
+        return None
+    base, part = found
+    other = SPLIT_PARTS[1 - SPLIT_PARTS.index(part)]
+    return Path(path).with_name(f"{base}_{other}{Path(path).suffix}")
 
 
 def refuse_pickle(path: Path) -> None:

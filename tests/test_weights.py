@@ -23,6 +23,8 @@ from sidecar.weights import (
     pickle_message,
     read_header,
     refuse_pickle,
+    split_part,
+    split_sibling,
 )
 
 
@@ -202,3 +204,32 @@ def test_refuse_pickle_names_the_file_and_never_opens_it(tmp_path: Path) -> None
     assert message == pickle_message(path)
     assert message.startswith(f"{path}: `.ckpt` files are pickles, which sidecar never loads")
     assert "save as .safetensors" in message
+
+
+@pytest.mark.parametrize(
+    ("name", "part", "sibling"),
+    [
+        (
+            "a_000000500_high_noise.safetensors",
+            ("a_000000500", "high_noise"),
+            "a_000000500_low_noise.safetensors",
+        ),
+        (
+            "a_000000500_low_noise.safetensors",
+            ("a_000000500", "low_noise"),
+            "a_000000500_high_noise.safetensors",
+        ),
+        ("a_high_noise.safetensors", ("a", "high_noise"), "a_low_noise.safetensors"),
+        ("a_000000500.safetensors", None, None),
+        ("_high_noise.safetensors", None, None),
+        ("a_high_noise.pt", None, None),
+        ("a_high_noise_000000500.safetensors", None, None),
+    ],
+)
+def test_split_wan22_pairs_are_told_by_name(
+    name: str, part: tuple[str, str] | None, sibling: str | None
+) -> None:
+    """ai-toolkit's two files of one Wan 2.2 checkpoint: each names the other (pure on the path)."""
+    path = Path("/nowhere") / name
+    assert split_part(path) == part
+    assert split_sibling(path) == (path.with_name(sibling) if sibling else None)

@@ -4,7 +4,8 @@ One iteration (`loop_once(now)`), driven by tests with fake time and no threads:
 
 1. reload the trainer config if its file changed (`PlanSource`; a bad edit is logged and
    the old plan kept): checkpoints added from now on get the new plan;
-2. drain the watcher's queue into the readiness tracker;
+2. drain the watcher's queue into the readiness tracker (the two files of a split Wan 2.2
+   step as one checkpoint, `sidecar.intake.split`);
 3. act on the tracker's verdicts: a *ready* checkpoint is copied at once into the cache
    (hashed as it is copied), given its step, and added to the store with the current
    plan; *vanished* and *abandoned* ones are recorded as failed with the reason.
@@ -24,109 +25,24 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
+from sidecar.app.plan_source import PlanSource
 from sidecar.errors import SidecarError
 from sidecar.intake.cache import ChangedWhileCopying, CheckpointCache, unusable_fingerprint
 from sidecar.intake.layouts import Checkpoint
 from sidecar.intake.readiness import ReadinessTracker, ReadyEvent
+from sidecar.intake.split import file_signature, files_of, files_signature, recorded_as
 from sidecar.intake.steps import StepCounter, resolve_step, step_from_metadata
 from sidecar.intake.trust import OutsideWatchedFolder, check_inside
 from sidecar.intake.watcher import FINISHED_KINDS, EventKind, FileEvent, scan_tree
 from sidecar.jobs.store import JobStore
-from sidecar.plan.build import build_plan
-from sidecar.plan.config import TrainerConfig, load_trainer_config
-from sidecar.plan.request import SamplePlan, SampleRequest
+
+# `PlanSource` (`plan_source.py`) and `file_signature` (`sidecar.intake.split`) are still
+# imported from here by the daemon's other modules and the tests.
+__all__ = ["Intake", "PlanSource", "file_signature"]
 
 logger = logging.getLogger("sidecar.intake")
 
 MAX_COPY_FAILURES = 3  # unreadable (permissions, I/O errors) this often: recorded failed
-
-
-def file_signature(path: Path) -> tuple[int, int] | None:
-    """(size, mtime_ns) of a file, or None when it cannot be seen."""
-    try:
-        stat = path.stat()
-    except OSError:
-        return None
-    return stat.st_size, stat.st_mtime_ns
-
-
-class PlanSource:
-    """The trainer config and its sample plan, read again when the file changes.
-
-    The plan's per-step parts are applied per checkpoint: `requests_for` puts in the seeds a
-    trainer draws anew at every step, `cadence_skip` says which checkpoints a trainer's
-    cadence in epochs or time (or a first step) leaves out, timing from the last one it let
-    through.
-    """
-
-    def __init__(
-        self,
-        config_path: Path,
-        *,
-        process: int | str | None = None,
-        prompts_file: Path | None = None,
-    ) -> None:
-        self.config_path = Path(config_path)
-        self.process = process
-        self.prompts_file = prompts_file
-        self.config: TrainerConfig = load_trainer_config(self.config_path, process=process)
-        self.plan: SamplePlan = build_plan(self.config, prompts_file=prompts_file)
-        self._last_due: float | None = None  # when the cadence last let a checkpoint through
-        self._signature = self._files_signature()
-
-    def _files_signature(self) -> tuple[int | None, ...]:
-        """The config, and the prompt file the command line or the config names."""
-        prompts = self.prompts_file if self.prompts_file is not None else self.config.prompts_file
-        files = [self.config_path]
-        if prompts is not None and Path(prompts).resolve() != self.config.path:  # OneTrainer: inline
-            files.append(Path(prompts))
-        return tuple((file_signature(path) or (None, None))[1] for path in files)
-
-    def requests_for(self, checkpoint: Checkpoint) -> tuple[SampleRequest, ...]:
-        """The requests to store with `checkpoint`: per-step seeds made concrete for its step."""
-        return self.plan.requests_for_step(checkpoint.step)
-
-    def cadence_skip(self, checkpoint: Checkpoint, now: float) -> str | None:
-        """Why the trainer's cadence in epochs or time, or its first sampled step, leaves
-        `checkpoint` out, or None when it renders (then the next time interval starts at `now`)."""
-        cadence = self.plan.cadence
-        if cadence is None:
-            return None
-        reason = cadence.skip_reason(
-            step=checkpoint.step,
-            epoch=checkpoint.epoch,
-            is_final=checkpoint.is_final,
-            seconds_since_last=None if self._last_due is None else now - self._last_due,
-        )
-        if reason is None:
-            self._last_due = now
-        return reason
-
-    def reload_if_changed(self) -> bool:
-        """A changed `sample:` section applies to checkpoints added from now on."""
-        signature = self._files_signature()
-        if signature == self._signature:
-            return False
-        self._signature = signature
-        try:
-            config = load_trainer_config(self.config_path, process=self.process)
-            plan = build_plan(config, prompts_file=self.prompts_file)
-        except SidecarError as error:
-            logger.error("config changed but is not valid, keeping the previous sample plan: %s", error)
-            return True
-        if (config.arch, config.model.name_or_path) != (self.config.arch, self.config.model.name_or_path):
-            logger.warning(
-                "config now names base model %s (%s); the loaded %s stays until sidecar restarts",
-                config.model.name_or_path,
-                config.arch,
-                self.config.model.name_or_path,
-            )
-        self.config, self.plan = config, plan
-        logger.info(
-            "config reloaded: %s sample(s) per checkpoint, for checkpoints added from now on",
-            len(plan.requests),
-        )
-        return True
 
 
 def _step_order(verdict: ReadyEvent) -> tuple[bool, int, str]:
@@ -200,8 +116,13 @@ class Intake:
         if self._tracking:
             return True
         with self.events.mutex:  # a look at the queue, taking nothing out
-            paths = [event.path for event in self.events.queue if event.checkpoint is not None]
-        return any(self._known.get(path) != file_signature(path) for path in paths)
+            seen = [event.checkpoint for event in self.events.queue if event.checkpoint is not None]
+        checkpoints = [self._recorded_as(checkpoint) for checkpoint in seen]
+        return any(self._known.get(found.path) != files_signature(found) for found in checkpoints)
+
+    def _recorded_as(self, checkpoint: Checkpoint) -> Checkpoint:
+        """A split part as the checkpoint of its step, under the file it is tracked or recorded as."""
+        return recorded_as(checkpoint, taken=lambda path: path in self._tracking or path in self._known)
 
     def waiting(self) -> list[tuple[Path, str]]:
         """Every file seen but not ready yet, with the reason (for `sidecar status`)."""
@@ -265,10 +186,11 @@ class Intake:
         return signature is not None and signature[1] / 1e9 <= now - self.tracker.settle_seconds
 
     def _observe(self, checkpoint: Checkpoint, now: float, *, closed: bool = False) -> None:
+        checkpoint = self._recorded_as(checkpoint)
         path = checkpoint.path
         if path not in self._tracking:
             known = self._known.get(path)
-            if known is not None and known == file_signature(path):
+            if known is not None and known == files_signature(checkpoint):
                 return  # already recorded with this content (startup scan, late event)
             if not self.follow_symlinks and self._outside(checkpoint, now):
                 return
@@ -278,9 +200,11 @@ class Intake:
         self.tracker.observe(checkpoint, now, closed=closed)
 
     def _outside(self, checkpoint: Checkpoint, now: float) -> bool:
-        """A symlink out of the watched folder: recorded failed once per target, never read."""
+        """A symlink out of the watched folder (either file of a split checkpoint): recorded failed
+        once per target, never read."""
         try:
-            check_inside(checkpoint.path, self.output_dir)
+            for path in files_of(checkpoint):
+                check_inside(path, self.output_dir)
         except OutsideWatchedFolder as error:
             target = os.path.realpath(checkpoint.path)
             if self._refused.get(checkpoint.path) != target:
@@ -316,12 +240,15 @@ class Intake:
             return
         root = None if self.follow_symlinks else self.output_dir
         try:
-            copy = self.cache.copy_in(checkpoint.path, (verdict.size, verdict.mtime_ns), root=root)
+            copy = self.cache.copy_in(
+                checkpoint.path, (verdict.size, verdict.mtime_ns), root=root, siblings=dict(verdict.siblings)
+            )
         except OutsideWatchedFolder as error:  # swapped for a link after it was seen
             self._record_refused(checkpoint, str(error), now)
             return
-        except FileNotFoundError:
-            self._record_vanished(checkpoint, "vanished while it was being read (pruned?)", now)
+        except FileNotFoundError as error:  # a split checkpoint's: either file
+            gone = Path(error.filename or checkpoint.path).name
+            self._record_vanished(checkpoint, f"{gone} vanished while it was being read (pruned?)", now)
             return
         except ChangedWhileCopying:
             logger.info("%s changed while it was being copied; waiting for it to settle", checkpoint.path)
@@ -370,7 +297,7 @@ class Intake:
 
         A later good write of the same path and step resets the row.
         """
-        fingerprint = unusable_fingerprint(checkpoint.path)
+        fingerprint = unusable_fingerprint(*files_of(checkpoint))
         if fingerprint is None:
             checkpoint = self._with_step(checkpoint, header_of=None)
             self.store.record_vanished(checkpoint, now=now, reason=f"{reason}; then it vanished")

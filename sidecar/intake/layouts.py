@@ -6,7 +6,11 @@ images beside them. `recognise` tells those apart by name alone (pure on the pat
 
 Layouts recognised (step from the name unless noted):
 
-- ai-toolkit: `{name}_{step:09d}.safetensors`; final `{name}.safetensors`.
+- ai-toolkit: `{name}_{step:09d}.safetensors`; final `{name}.safetensors`. Wan 2.2 A14B by
+  default: `{name}_{step:09d}_high_noise.safetensors` then `..._low_noise.safetensors` (only the
+  trained expert's when one is), final `{name}_high_noise.safetensors` / `{name}_low_noise...`:
+  each part is recognised with its step and `split`; `sidecar.intake.split` makes the two one
+  checkpoint.
 - kohya sd-scripts: `{name}-step{step:08d}.safetensors`; per epoch
   `{name}-{epoch:06d}.safetensors` (step from `ss_steps` metadata); final
   `{name}.safetensors`. Its `*-state` folders hold optimizer states, not LoRAs.
@@ -30,7 +34,7 @@ from typing import Literal
 
 from sidecar.arch import ARCH_ALIASES, Arch
 from sidecar.settings import SAMPLES_DIR_NAME
-from sidecar.weights import SAFETENSORS_SUFFIX, is_pickle, pickle_message
+from sidecar.weights import SAFETENSORS_SUFFIX, SplitPart, is_pickle, pickle_message, split_part
 
 logger = logging.getLogger("sidecar.intake")
 
@@ -87,7 +91,8 @@ class Checkpoint:
 
     `step` is None where the name has none (a final file, a kohya epoch file) until
     `resolve_step` reads the header. `marker` is a file the trainer writes after the
-    LoRA; the checkpoint is ready only once it exists.
+    LoRA; the checkpoint is ready only once it exists. `split`: one file of ai-toolkit's
+    Wan 2.2 pair (`name` then lacks the suffix); its sibling belongs to the same checkpoint.
     """
 
     path: Path
@@ -99,6 +104,7 @@ class Checkpoint:
     is_pickle: bool = False  # never loaded: pickle can run code; the renderer refuses it
     marker: Path | None = None
     arch: Arch | None = None  # where the name says it (EriDiffusion `flux_lora`)
+    split: SplitPart | None = None  # `high_noise` / `low_noise`: one expert's file of a Wan 2.2 pair
 
     @property
     def pickle_message(self) -> str:
@@ -183,13 +189,15 @@ def recognise(
         groups = found.groupdict() if found is not None else {}
         step, epoch = groups.get("step"), groups.get("epoch")
         if _is_number(step):  # a `step` group that matched no number: no step
+            split = split_part(path)
             return Checkpoint(
                 path=path,
-                name=path.stem,
+                name=split[0] if split else path.stem,
                 layout="pattern",
                 step=int(step),
                 epoch=int(epoch) if _is_number(epoch) else None,
                 is_pickle=pickled,
+                split=split[1] if split else None,
             )
 
     stem = path.stem
@@ -221,8 +229,19 @@ def _in_checkpoint_dir(path: Path, stem: str, folder: str, step: int, pickled: b
     return None
 
 
+def _split(path: Path, base: str, part: SplitPart) -> Checkpoint:
+    """One file of ai-toolkit's Wan 2.2 pair: the step from the name without its suffix, else final."""
+    found = _AI_TOOLKIT.fullmatch(base)
+    if found is not None:
+        return Checkpoint(path, found.group("name"), "ai-toolkit", int(found.group("step")), split=part)
+    return Checkpoint(path, base, "final", None, is_final=True, split=part)
+
+
 def _by_name(path: Path, stem: str, suffix: str, pickled: bool) -> Checkpoint | None:
     """Flat layouts, told apart by the shape of the file name (most specific first)."""
+    split = split_part(path)
+    if split is not None:
+        return _split(path, *split)
     found = _ONETRAINER.fullmatch(stem)
     if found is not None:
         return Checkpoint(

@@ -3,7 +3,9 @@
 Trainers write checkpoints in place (not by rename), so a file is ready only once it
 is whole (its safetensors header parses and declares the file's exact size), its size
 and mtime have not changed for `settle_seconds`, and its layout's marker file (if any)
-exists. Time is passed in, so tests need no sleeps.
+exists. A split Wan 2.2 checkpoint is its files together (`sidecar.intake.split`): each
+present whole and settled, and its sibling there too or not coming. Time is passed in, so
+tests need no sleeps.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 from typing import Literal
 
 from sidecar.intake.layouts import Checkpoint
+from sidecar.intake.split import SIBLING_GRACE_SECONDS, files_of, sibling_of
 from sidecar.settings import ABANDON_SECONDS, SETTLE_SECONDS
 from sidecar.weights import HEADER_LENGTH_BYTES, MAX_HEADER_BYTES, HeaderError, is_pickle, parse_header
 
@@ -107,17 +110,23 @@ class ReadyEvent:
     reason: str
     size: int
     mtime_ns: int
+    siblings: tuple[tuple[Path, tuple[int, int]], ...] = ()  # a split checkpoint's other file, judged with it
+
+
+Signature = tuple[tuple[int, int], ...]  # (size, mtime_ns) of each file of a checkpoint
 
 
 @dataclass
 class _Tracked:
     checkpoint: Checkpoint
-    signature: tuple[int, int] | None = None  # (size, mtime_ns) last seen
+    signature: Signature | None = None  # last seen
     unchanged_since: float = 0.0
-    last: Completeness | None = None
+    last: Completeness | None = None  # of the checkpoint's own file
+    siblings: tuple[tuple[Path, tuple[int, int]], ...] = ()  # the other files present, last seen
     reason: str = "not looked at yet"
     just_closed: bool = False  # a close (or rename into place) event came; not yet looked at
-    closed_signature: tuple[int, int] | None = None  # (size, mtime_ns) when its writer closed it
+    closed_signature: Signature | None = None  # when its writer closed a file of it
+    alone_since: float | None = None  # a split part whole and settled, its sibling absent: since when
 
 
 class ReadinessTracker:
@@ -132,19 +141,31 @@ class ReadinessTracker:
     settled or closed, or unchanged for `abandon_seconds` but still not whole (truncated
     for good) or still without its marker. Vanished: gone before it was ready. Time is
     passed in, so tests need no sleeps.
+
+    A split Wan 2.2 part (`Checkpoint.split`) is judged with its sibling's file, the same way,
+    once that is there; alone, it is ready only after `sibling_grace_seconds` without one
+    (`abandon_seconds` in a run whose earlier step was ready as a pair).
     """
 
     def __init__(
-        self, *, settle_seconds: float = SETTLE_SECONDS, abandon_seconds: float = ABANDON_SECONDS
+        self,
+        *,
+        settle_seconds: float = SETTLE_SECONDS,
+        abandon_seconds: float = ABANDON_SECONDS,
+        sibling_grace_seconds: float = SIBLING_GRACE_SECONDS,
     ) -> None:
         if settle_seconds < 0 or abandon_seconds <= settle_seconds:
             raise ValueError(
                 f"`abandon_seconds` must exceed `settle_seconds` >= 0, got {abandon_seconds} and"
                 f" {settle_seconds}"
             )
+        if sibling_grace_seconds < 0:
+            raise ValueError(f"`sibling_grace_seconds` must be >= 0, got {sibling_grace_seconds}")
         self.settle_seconds = settle_seconds
         self.abandon_seconds = abandon_seconds
+        self.sibling_grace_seconds = sibling_grace_seconds
         self._tracked: dict[Path, _Tracked] = {}
+        self._paired_runs: set[tuple[Path, str]] = set()  # (folder, run name) seen ready as a pair
 
     def __len__(self) -> int:
         return len(self._tracked)
@@ -186,7 +207,9 @@ class ReadinessTracker:
             del self._tracked[path]
             last = tracked.last
             size, mtime_ns = (last.size, last.mtime_ns) if last is not None else (-1, -1)
-            events.append(ReadyEvent(tracked.checkpoint, state, reason, size, mtime_ns))
+            events.append(ReadyEvent(tracked.checkpoint, state, reason, size, mtime_ns, tracked.siblings))
+            if state == "ready" and tracked.siblings:
+                self._paired_runs.add((path.parent, tracked.checkpoint.name))
             log = logger.info if state == "ready" else logger.warning
             log("%s %s: %s", path, state, reason)
         return events
@@ -197,11 +220,14 @@ class ReadinessTracker:
         return state, reason
 
     def _verdict(self, tracked: _Tracked, now: float) -> tuple[ReadyState, str]:
-        check = completeness(tracked.checkpoint.path)
+        own, *others = [(path, completeness(path)) for path in files_of(tracked.checkpoint)]
+        check = own[1]
         tracked.last = check
         if not check.exists:
             return "vanished", "vanished before it could be read (pruned or deleted by the trainer?)"
-        signature = (check.size, check.mtime_ns)
+        files = [own, *((path, other) for path, other in others if other.exists)]
+        tracked.siblings = tuple((path, (other.size, other.mtime_ns)) for path, other in files[1:])
+        signature = tuple((found.size, found.mtime_ns) for _, found in files)
         if signature != tracked.signature:
             tracked.signature = signature
             tracked.unchanged_since = now
@@ -211,18 +237,52 @@ class ReadinessTracker:
         closed = tracked.closed_signature == signature  # closed by its writer, nothing changed since
         settled = closed or still_seconds >= self.settle_seconds
         marker = tracked.checkpoint.marker
-        if check.whole and (marker is None or marker.exists()):
-            if closed:
-                return "ready", f"{check.reason}; closed by its writer"
-            if settled:
-                return "ready", check.reason
-            return "waiting", f"whole, settling ({still_seconds:.1f} of {self.settle_seconds} s)"
-        if check.corrupt and settled:
-            return "abandoned", f"corrupt: {check.reason}"
+        unfinished = next(((path, found) for path, found in files if not found.whole), None)
+        if unfinished is None and (marker is None or marker.exists()):
+            reason = "; ".join(_reason(tracked.checkpoint, path, found) for path, found in files)
+            if not settled:
+                return "waiting", f"whole, settling ({still_seconds:.1f} of {self.settle_seconds} s)"
+            alone = self._alone(tracked, now)
+            if alone is not None and not alone[0]:
+                return "waiting", alone[1]
+            reason = f"{reason}; {alone[1]}" if alone is not None else reason
+            return "ready", f"{reason}; closed by its writer" if closed else reason
+        if unfinished is None:
+            if still_seconds >= self.abandon_seconds:
+                return "abandoned", f"{marker} never appeared; unchanged for {still_seconds:.0f} s"
+            return "waiting", f"whole, waiting for marker {marker}"
+        path, found = unfinished
+        why = _reason(tracked.checkpoint, path, found)
+        corrupt = next((item for item in files if item[1].corrupt), None)
+        if corrupt is not None and settled:
+            return "abandoned", f"corrupt: {_reason(tracked.checkpoint, *corrupt)}"
         if still_seconds >= self.abandon_seconds:
-            if not check.whole:
-                return "abandoned", f"truncated for good: {check.reason}; unchanged for {still_seconds:.0f} s"
-            return "abandoned", f"{marker} never appeared; unchanged for {still_seconds:.0f} s"
-        if not check.whole:
-            return "waiting", f"not whole yet: {check.reason}"
-        return "waiting", f"whole, waiting for marker {marker}"
+            return "abandoned", f"truncated for good: {why}; unchanged for {still_seconds:.0f} s"
+        return "waiting", f"not whole yet: {why}"
+
+    def _alone(self, tracked: _Tracked, now: float) -> tuple[bool, str] | None:
+        """For a split part whole and settled without its sibling: (waited long enough, why);
+        None for any other checkpoint."""
+        checkpoint = tracked.checkpoint
+        sibling = sibling_of(checkpoint)
+        if sibling is None or tracked.siblings:
+            tracked.alone_since = None
+            return None
+        assert tracked.last is not None
+        if tracked.alone_since is None:  # since its last write, when it is found long after
+            tracked.alone_since = min(now, tracked.last.mtime_ns / 1e9)
+        waited = now - tracked.alone_since
+        paired = (checkpoint.path.parent, checkpoint.name) in self._paired_runs
+        wait = max(self.abandon_seconds, self.sibling_grace_seconds) if paired else self.sibling_grace_seconds
+        if waited < wait:
+            run = "; this run wrote pairs before" if paired else ""
+            return (
+                False,
+                f"whole, waiting for its sibling {sibling.path.name} ({waited:.1f} of {wait:g} s{run})",
+            )
+        return True, f"no sibling {sibling.path.name} after {waited:.0f} s: {checkpoint.split} alone"
+
+
+def _reason(checkpoint: Checkpoint, path: Path, check: Completeness) -> str:
+    """A file's completeness, named when it is a split checkpoint's other file."""
+    return check.reason if path == checkpoint.path else f"{path.name}: {check.reason}"

@@ -17,6 +17,7 @@ from sidecar.intake.cache import (
     PARTIAL_SUFFIX,
     ChangedWhileCopying,
     CheckpointCache,
+    combined_hash,
     content_hash,
     unusable_fingerprint,
 )
@@ -312,3 +313,66 @@ def test_a_checkpoint_linked_out_of_the_watched_folder_is_not_copied(tmp_path: P
     assert leftovers(cache) == []
     copy = cache.copy_in(link, signature(secret), root=None)  # --follow-symlinks
     assert copy.path.read_bytes() == secret.read_bytes()
+
+
+# ------------------------------------------------------------------ a split Wan 2.2 checkpoint
+
+
+def write_pair(folder: Path, stem: str, *, fill: float = 1.0) -> tuple[Path, Path]:
+    """ai-toolkit's two files of one Wan 2.2 step, with different bytes."""
+    high, low = folder / f"{stem}_high_noise.safetensors", folder / f"{stem}_low_noise.safetensors"
+    write_lora(high, fill=fill)
+    write_lora(low, fill=fill + 0.5)
+    return high, low
+
+
+def test_a_split_checkpoint_is_copied_with_its_sibling_into_one_folder(tmp_path: Path, cache) -> None:
+    """The renderer reads the high-noise copy and finds its sibling beside it, by its own name."""
+    high, low = write_pair(tmp_path / "run", "my_lora_000000500")
+
+    copy = cache.copy_in(high, signature(high), siblings={low: signature(low)})
+
+    digest = combined_hash([content_hash(high), content_hash(low)])
+    assert copy.content_hash == digest and leftovers(cache) == [digest]
+    assert copy.path == cache.folder / digest / high.name
+    assert sorted(path.name for path in copy.path.parent.iterdir()) == [high.name, low.name]
+    assert (copy.path.parent / low.name).read_bytes() == low.read_bytes()
+    assert copy.size_bytes == high.stat().st_size + low.stat().st_size
+    assert copy.mtime_ns == max(signature(high)[1], signature(low)[1])
+    # Either file first: the same content. Equal bytes at another step: the same content too.
+    assert cache.copy_in(low, signature(low), siblings={high: signature(high)}).content_hash == digest
+    again = write_pair(tmp_path / "run", "my_lora_000000750")
+    assert (
+        cache.copy_in(again[0], signature(again[0]), siblings={again[1]: signature(again[1])}).content_hash
+        == digest
+    )
+    assert copy.content_hash != content_hash(high)  # not the high-noise file alone
+
+
+def test_a_sibling_changed_or_linked_out_of_the_folder_stops_the_whole_copy(tmp_path: Path, cache) -> None:
+    watched = tmp_path / "output"
+    high, low = write_pair(watched, "my_lora_000000500")
+    size, mtime_ns = signature(low)
+    with pytest.raises(ChangedWhileCopying, match="low_noise"):
+        cache.copy_in(high, signature(high), siblings={low: (size, mtime_ns - 1)})
+    assert leftovers(cache) == []
+
+    secret = tmp_path / "secret.safetensors"
+    write_lora(secret)
+    low.unlink()
+    low.symlink_to(secret)
+    with pytest.raises(OutsideWatchedFolder, match=r"my_lora_000000500_low_noise\.safetensors is a symlink"):
+        cache.copy_in(high, signature(high), root=watched, siblings={low: signature(secret)})
+    assert leftovers(cache) == []
+
+
+def test_an_unusable_split_checkpoint_is_fingerprinted_with_its_sibling(tmp_path: Path) -> None:
+    high, low = write_pair(tmp_path, "my_lora_000000500")
+    low.write_bytes(low.read_bytes()[:100])  # truncated
+    alone, pair = unusable_fingerprint(high), unusable_fingerprint(high, low)
+    assert alone is not None and pair is not None and alone[0] != pair[0]
+    assert pair[1:] == (signature(high)[0] + 100, max(signature(high)[1], signature(low)[1]))
+    low.write_bytes(b"truncated otherwise")
+    assert unusable_fingerprint(high, low)[0] != pair[0]  # type: ignore[index]
+    low.unlink()
+    assert unusable_fingerprint(high, low) == alone  # a sibling gone meanwhile is left out

@@ -69,6 +69,48 @@ def test_eridiffusion_checkpoint_folder_needs_its_marker_and_names_its_arch() ->
 
 
 @pytest.mark.parametrize(
+    ("relative", "layout", "name", "step", "split"),
+    [
+        ("my_lora_000000500_high_noise.safetensors", "ai-toolkit", "my_lora", 500, "high_noise"),
+        ("my_lora_000000500_low_noise.safetensors", "ai-toolkit", "my_lora", 500, "low_noise"),
+        ("wan/my_wan_lora_000012000_low_noise.safetensors", "ai-toolkit", "my_wan_lora", 12000, "low_noise"),
+        ("my_lora_high_noise.safetensors", "final", "my_lora", None, "high_noise"),
+        ("my_lora_low_noise.safetensors", "final", "my_lora", None, "low_noise"),
+        ("my_lora_000000500.safetensors", "ai-toolkit", "my_lora", 500, None),  # combined / one expert
+        ("high_noise.safetensors", "final", "high_noise", None, None),  # no stem before the suffix
+        (
+            "my_lora_000000500_high_noise.pt",
+            "final",
+            "my_lora_000000500_high_noise",
+            None,
+            None,
+        ),  # never ai-toolkit's
+    ],
+)
+def test_ai_toolkits_split_wan22_files_carry_their_step_run_and_part(
+    relative: str, layout: str, name: str, step: int | None, split: str | None
+) -> None:
+    """ai-toolkit's Wan 2.2 A14B pair (`{name}_{step:09d}_high_noise` / `_low_noise`, final
+    `{name}_high_noise`): the step and run name come from the name without the suffix."""
+    found = recognise(ROOT / relative, root=ROOT)
+    assert found is not None
+    assert (found.layout, found.name, found.step, found.split, found.is_final) == (
+        layout,
+        name,
+        step,
+        split,
+        step is None,
+    )
+
+
+def test_a_user_pattern_keeps_the_split_part() -> None:
+    pattern = re.compile(r"it(?P<step>\d+)")
+    found = recognise(ROOT / "wan_it300_low_noise.safetensors", root=ROOT, pattern=pattern)
+    assert found is not None
+    assert (found.layout, found.name, found.step, found.split) == ("pattern", "wan_it300", 300, "low_noise")
+
+
+@pytest.mark.parametrize(
     "relative",
     [
         "optimizer.safetensors",
