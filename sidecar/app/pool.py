@@ -30,6 +30,7 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 
 from sidecar.app.worker import PoolOptions, RenderTask, RenderWorker, TaskResult, load_base
 from sidecar.errors import SidecarError
+from sidecar.weights import split_sibling
 
 logger = logging.getLogger("sidecar.pool")
 
@@ -72,12 +73,27 @@ class _ActorWorker(RenderWorker):
         path = folder / Path(task.lora_name or "lora.safetensors").name
         if not path.is_file():
             shutil.rmtree(self._folder, ignore_errors=True)  # the previous checkpoint is done with
-            folder.mkdir(parents=True)
-            data = ray.get(task.lora_source[0])  # nested in a list: fetched only here, when needed
-            partial = path.with_name(path.name + ".partial")
-            partial.write_bytes(data)
-            partial.replace(path)
+            # nested in a list: fetched only here, when needed
+            write_lora_files(folder, ray.get(task.lora_source[0]))
         return path
+
+
+def lora_files(path: Path) -> dict[str, bytes]:
+    """`{file name: bytes}` of a checkpoint: the file, and its split Wan 2.2 sibling where there is
+    one beside it (the worker's renderer looks for it there, as on the coordinator)."""
+    sibling = split_sibling(path)
+    files = [path] if sibling is None or not sibling.is_file() else [path, sibling]
+    return {file.name: file.read_bytes() for file in files}
+
+
+def write_lora_files(folder: Path, files: dict[str, bytes]) -> None:
+    """`lora_files` written into `folder` (made here) under their names, each whole or not at all."""
+    folder.mkdir(parents=True)
+    for name, data in files.items():
+        path = folder / Path(name).name
+        partial = path.with_name(path.name + ".partial")
+        partial.write_bytes(data)
+        partial.replace(path)
 
 
 RenderActor = ray.remote(_ActorWorker)
@@ -152,9 +168,9 @@ class RayPool:
         return _future(self.actors[index].render.remote(task))
 
     def lora_source(self, path: Path) -> list[Any]:
-        """The checkpoint's bytes in the object store, once per checkpoint; nested in a list so a
+        """The checkpoint's files in the object store, once per checkpoint; nested in a list so a
         worker that already holds the LoRA never fetches them."""
-        return [ray.put(Path(path).read_bytes())]
+        return [ray.put(lora_files(Path(path)))]
 
     def worker_lost(self, error: BaseException) -> bool:
         return isinstance(error, (RayActorError, ActorUnavailableError))

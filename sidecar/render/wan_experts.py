@@ -43,33 +43,29 @@ from sidecar.render.adapters.swap import (
     first_line,
     injected_layers,
 )
+from sidecar.weights import SplitPart, split_part
 
 logger = logging.getLogger("sidecar.render")
 
 HIGH_NOISE = "transformer"
 LOW_NOISE = "transformer_2"
 EXPERTS = (HIGH_NOISE, LOW_NOISE)
-# ai-toolkit's split files: the name's suffix says the expert.
-SPLIT_SUFFIXES = {"_high_noise": HIGH_NOISE, "_low_noise": LOW_NOISE}
+# ai-toolkit's split files (`sidecar.weights.split_part`): the name's suffix says the expert.
+SPLIT_EXPERTS: dict[SplitPart, str] = {"high_noise": HIGH_NOISE, "low_noise": LOW_NOISE}
 # ai-toolkit's combined file: a key segment says the expert (`diffusion_model.transformer_1.blocks...`).
 COMBINED_SEGMENTS = {".transformer_1.": HIGH_NOISE, ".transformer_2.": LOW_NOISE}
-SAFETENSORS = ".safetensors"
 
 
 def expert_files(path: Path) -> dict[str, Path]:
     """`{expert: file}` for the LoRA at `path`: ai-toolkit's pair from either name (the sibling
     only when it is there), else the one file for both experts."""
     path = Path(path)
-    stem = path.name.removesuffix(SAFETENSORS)
-    for suffix in SPLIT_SUFFIXES:
-        if stem.endswith(suffix):
-            base = stem.removesuffix(suffix)
-            files = {
-                expert: path.with_name(f"{base}{other}{SAFETENSORS}")
-                for other, expert in SPLIT_SUFFIXES.items()
-            }
-            return {expert: file for expert, file in files.items() if file == path or file.is_file()}
-    return {expert: path for expert in EXPERTS}
+    found = split_part(path)
+    if found is None:
+        return {expert: path for expert in EXPERTS}
+    base, _ = found
+    files = {expert: path.with_name(f"{base}_{part}{path.suffix}") for part, expert in SPLIT_EXPERTS.items()}
+    return {expert: file for expert, file in files.items() if file == path or file.is_file()}
 
 
 def expert_state_dicts(files: dict[str, Path]) -> dict[str, dict[str, torch.Tensor]]:
