@@ -204,11 +204,16 @@ def test_the_gallery_plays_a_video_cell_in_place_and_links_its_mp4(tmp_path):
     assert frame_count(tmp_path / ".thumbs" / "step_000500" / "sample_01.webp") == 1
 
 
+# Headless Chromium's virtual time (`--virtual-time-budget`) runs out while the page is idle, and
+# decoding a video leaves the page idle: short busy steps keep it spending real time (about
+# 3 s at most) while the media pipeline decodes, so the result is there when the DOM is dumped.
 CHECK_VIDEO = """
 window.addEventListener("load", () => {
   const video = document.createElement("video");
   video.muted = true;
+  let reported = false;
   const report = (state) => {
+    reported = true;
     const out = document.createElement("pre");
     out.id = "check";
     out.textContent = JSON.stringify(state);
@@ -218,6 +223,14 @@ window.addEventListener("load", () => {
     thumbs: [...document.images].map((image) => image.naturalWidth)}));
   video.addEventListener("error", () => report({error: String(video.error && video.error.code)}));
   video.src = document.querySelector("a.mp4").getAttribute("href");
+  let steps = 0;
+  const busy = () => {
+    if (reported || steps++ > 300) return;
+    let spin = 0;
+    for (let i = 0; i < 2e6; i++) spin += i;
+    setTimeout(busy, 0);
+  };
+  busy();
 });
 """
 
