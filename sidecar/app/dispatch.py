@@ -36,7 +36,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sidecar.app.intake_loop import PlanSource
+from sidecar.app.plan_source import PlanSource
 from sidecar.app.rendering import RenderedSample, render_samples
 from sidecar.app.state import StateFile
 from sidecar.errors import SidecarError, TransientError

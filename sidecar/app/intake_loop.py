@@ -36,10 +36,6 @@ from sidecar.intake.trust import OutsideWatchedFolder, check_inside
 from sidecar.intake.watcher import FINISHED_KINDS, EventKind, FileEvent, scan_tree
 from sidecar.jobs.store import JobStore
 
-# `PlanSource` (`plan_source.py`) and `file_signature` (`sidecar.intake.split`) are still
-# imported from here by the daemon's other modules and the tests.
-__all__ = ["Intake", "PlanSource", "file_signature"]
-
 logger = logging.getLogger("sidecar.intake")
 
 MAX_COPY_FAILURES = 3  # unreadable (permissions, I/O errors) this often: recorded failed

@@ -22,9 +22,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from sidecar.app.intake_loop import file_signature
 from sidecar.app.state import read_state_file, running_daemon_pid
 from sidecar.errors import ConfigError
+from sidecar.intake.split import file_signature
 from sidecar.jobs.store import JobStore
 from sidecar.plan.locator import read_yaml, validate, warn_unknown_keys
 from sidecar.settings import SamplesFolder, samples_dir

@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sidecar.app.dispatch import Dispatcher, RendererFactory
-from sidecar.app.intake_loop import Intake, PlanSource
+from sidecar.app.intake_loop import Intake
+from sidecar.app.plan_source import PlanSource
 from sidecar.app.rendering import open_renderer
 from sidecar.app.state import check_samples_folder
 from sidecar.errors import SidecarError

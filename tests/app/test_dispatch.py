@@ -24,7 +24,8 @@ import yaml
 
 from sidecar.app.commands import status as status_command
 from sidecar.app.dispatch import Dispatcher
-from sidecar.app.intake_loop import Intake, PlanSource
+from sidecar.app.intake_loop import Intake
+from sidecar.app.plan_source import PlanSource
 from sidecar.app.status import status_report
 from sidecar.errors import SidecarError, TransientError
 from sidecar.intake.cache import CheckpointCache

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sidecar.app.intake_loop import Intake, PlanSource
+from sidecar.app.intake_loop import Intake
+from sidecar.app.plan_source import PlanSource
 from sidecar.intake.cache import CheckpointCache, content_hash
 from sidecar.intake.layouts import recognise
 from sidecar.intake.steps import StepCounter

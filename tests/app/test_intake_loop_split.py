@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from sidecar.app.intake_loop import Intake, PlanSource
+from sidecar.app.intake_loop import Intake
+from sidecar.app.plan_source import PlanSource
 from sidecar.intake.cache import CheckpointCache, combined_hash, content_hash
 from sidecar.intake.layouts import recognise
 from sidecar.intake.split import SIBLING_GRACE_SECONDS

@@ -1,5 +1,5 @@
 """Per-step seeds and the trainers' sampling cadence: `SamplePlan.requests_for_step`, `Cadence`,
-and `app.intake_loop.PlanSource`, which applies both per checkpoint."""
+and `app.plan_source.PlanSource`, which applies both per checkpoint."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from factories import FIXTURES, sample_request
 
-from sidecar.app.intake_loop import PlanSource
+from sidecar.app.plan_source import PlanSource
 from sidecar.intake.layouts import Checkpoint
 from sidecar.plan.request import Cadence, SamplePlan, seed_for_step
 
